@@ -1,0 +1,81 @@
+"""The ``verl.plugins`` entry point: registers everything verl-hindsight provides with verl's registries.
+
+verl imports this module on ``import verl`` in every process it starts (driver, TaskRunner, workers,
+agent-loop and reward workers, rollout servers), so it must stay light and must never raise into verl's
+import: each registration step runs on its own, and a failure is logged at WARNING with its cause.
+
+On machines with an accelerator it only adds names (the CPU platform, which then never matches, and the
+``hf`` rollout backend, loaded lazily). The CPU runtime (engines, patches, Ray resources) is activated only
+when verl will resolve to the CPU platform.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("verl_hindsight")
+
+# Accelerator-only rollout backends that would fail obscurely on a CPU-only machine.
+_GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
+
+
+def _load_hf_replica():
+    from verl_hindsight.rollout.hf_replica import HFReplica
+
+    return HFReplica
+
+
+def _gpu_rollout_on_cpu(name: str):
+    def loader():
+        raise RuntimeError(
+            f"actor_rollout_ref.rollout.name={name} needs a GPU, and this machine runs the verl-hindsight CPU "
+            "runtime (no accelerator found). Set actor_rollout_ref.rollout.name=hf to use the plugin's "
+            "transformers rollout backend on CPU."
+        )
+
+    return loader
+
+
+def register_cpu_platform() -> None:
+    import verl_hindsight.runtime.cpu_platform  # noqa: F401  (registers "cpu" with PlatformRegistry)
+
+
+def register_rollout_backends() -> None:
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from verl_hindsight.runtime.verl_patches import HF_ROLLOUT_NAME, register_rollout_adapter
+
+    RolloutReplicaRegistry.register(HF_ROLLOUT_NAME, _load_hf_replica)
+    register_rollout_adapter()
+
+
+def activate_cpu_runtime_if_selected() -> None:
+    from verl_hindsight.runtime.cpu_platform import cpu_runtime_selected
+
+    if not cpu_runtime_selected():
+        return
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    from verl_hindsight.runtime.activate import activate_cpu_runtime
+
+    activate_cpu_runtime()
+    for name in _GPU_ROLLOUTS:
+        RolloutReplicaRegistry.register(name, _gpu_rollout_on_cpu(name))
+
+
+REGISTRATION_STEPS = (register_cpu_platform, register_rollout_backends, activate_cpu_runtime_if_selected)
+
+
+def register_all() -> list[str]:
+    """Run every registration step; return the names of the steps that failed (each already logged)."""
+    failed = []
+    for step in REGISTRATION_STEPS:
+        try:
+            step()
+        except Exception as exc:  # never raise into `import verl`
+            failed.append(step.__name__)
+            logger.warning("verl-hindsight: %s failed: %s: %s", step.__name__, type(exc).__name__, exc)
+    return failed
+
+
+FAILED_STEPS = register_all()

@@ -1,0 +1,1 @@
+"""Small generated tasks used by the CPU path (smoke runs, tests, benchmarks)."""
