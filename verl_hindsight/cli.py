@@ -1,0 +1,141 @@
+"""``verl-hindsight`` command line.
+
+    verl-hindsight demo [--run-dir DIR] [--steps N] [--quick]   # the main job: CPU training through stock verl
+    verl-hindsight make-tiny-model DIR [--seed S ...]           # offline tiny Qwen2 + tokenizer
+    verl-hindsight recipes                                      # where the recipe yaml files are
+
+Training always goes through stock ``python -m verl.trainer.main_ppo`` with a recipe from ``recipes/``;
+this command only prepares the model and data, keeps verl's log in a file and summarises the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def recipes_dir() -> Path:
+    """Directory holding the hydra recipes (``recipes/`` in a checkout, ``verl_hindsight/recipes`` installed)."""
+    path = Path(str(resources.files("verl_hindsight.recipes")))
+    if not (path / "cpu").is_dir():
+        raise FileNotFoundError(f"verl-hindsight recipes not found under {path}; reinstall the package")
+    return path
+
+
+def main_ppo_command(recipe: str, overrides: list[str]) -> list[str]:
+    """The stock verl command line for ``recipes/<recipe>.yaml`` (e.g. ``cpu/grpo_smoke``)."""
+    group, _, name = recipe.rpartition("/")
+    return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(recipes_dir() / group),
+            "--config-name", name, *overrides]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: int, label: str) -> int:
+    """Run stock main_ppo in a subprocess: log to ``run_dir/verl.log``, metrics to ``run_dir/metrics.jsonl``."""
+    from tqdm import tqdm
+
+    log_path, metrics_path = run_dir / "verl.log", run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_path), PYTHONUNBUFFERED="1")
+    cmd = main_ppo_command(recipe, [*overrides, f"trainer.total_training_steps={total_steps}",
+                                    f"trainer.default_local_dir={run_dir / 'checkpoints'}"])
+    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    with open(log_path, "w") as log, tqdm(total=total_steps, desc=label, unit="step") as bar:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env)
+        done = 0
+        while proc.poll() is None:
+            time.sleep(1.0)
+            steps = {row["step"] for row in read_metrics(metrics_path)}
+            if len(steps) > done:
+                bar.update(len(steps) - done)
+                done = len(steps)
+        steps = {row["step"] for row in read_metrics(metrics_path)}
+        bar.update(max(0, len(steps) - done))
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-30:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"main_ppo failed (exit {proc.returncode}); full log: {log_path}", file=sys.stderr)
+    return proc.returncode
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from verl_hindsight.tasks.letters import write_dataset
+    from verl_hindsight.tiny_model import make_tiny_model
+
+    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = 3 if args.quick else args.steps
+    print(f"run folder: {run_dir}")
+    model_dir = make_tiny_model(run_dir / "model", seed=args.seed)
+    train, val = write_dataset(run_dir / "data", seed=args.seed)
+    overrides = [f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train}", f"data.val_files={val}",
+                 f"data.seed={args.seed}", f"actor_rollout_ref.rollout.seed={args.seed}"]
+    rc = run_main_ppo("cpu/grpo_smoke", overrides, run_dir, steps, "GRPO (tiny model, CPU)")
+    if rc != 0:
+        return rc
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    print(f"\n{'step':>4}  {'reward':>8}  {'grad_norm':>9}  {'step_s':>7}")
+    for row in rows:
+        d = row["data"]
+        print(f"{row['step']:>4}  {d['critic/score/mean']:>8.4f}  {d['actor/grad_norm']:>9.4f}  "
+              f"{d['timing_s/step']:>7.2f}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}   verl log: {run_dir / 'verl.log'}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from verl_hindsight.tiny_model import run_cli
+
+    return run_cli(args)
+
+
+def cmd_recipes(_args: argparse.Namespace) -> int:
+    print(recipes_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from verl_hindsight.tiny_model import add_cli_arguments
+
+    parser = argparse.ArgumentParser(prog="verl-hindsight", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the tiny model on CPU through stock verl main_ppo")
+    demo.add_argument("--run-dir", help="output folder (default: runs/demo-<time>)")
+    demo.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    demo.add_argument("--quick", action="store_true", help="3 steps, for a smoke check")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model and tokenizer, offline")
+    add_cli_arguments(tiny)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    rec = sub.add_parser("recipes", help="print the recipes directory (for --config-path)")
+    rec.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

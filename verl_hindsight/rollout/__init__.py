@@ -1,0 +1,1 @@
+"""The ``hf`` rollout backend (transformers, batched, CPU-friendly)."""

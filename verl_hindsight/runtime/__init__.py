@@ -1,0 +1,1 @@
+"""Runtime pieces that make stock verl run on a CPU-only machine."""
