@@ -29,8 +29,10 @@ from verl_hindsight.rollout.hf_generation import (
 
 logger = logging.getLogger(__name__)
 
-# Requests arriving within this window after an idle period join the same wave.
-COALESCE_SECONDS = 0.005
+# After an idle period, keep collecting while requests are still arriving (a burst from an agent-loop worker
+# reaches the actor over several milliseconds), at most COALESCE_MAX_SECONDS, so the burst forms one wave.
+COALESCE_QUIET_SECONDS = 0.002
+COALESCE_MAX_SECONDS = 0.05
 
 
 @dataclass
@@ -155,7 +157,7 @@ class HFRolloutServer:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await asyncio.sleep(COALESCE_SECONDS)
+            await self._coalesce()
             while self._pending:
                 wave, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size:]
                 async with self._compute_lock:
@@ -173,6 +175,13 @@ class HFRolloutServer:
                 for p, r in zip(wave, results):
                     if not p.future.done():
                         p.future.set_result(r)
+
+    async def _coalesce(self) -> None:
+        deadline = time.monotonic() + COALESCE_MAX_SECONDS
+        seen = -1
+        while len(self._pending) != seen and len(self._pending) < self.max_batch_size and time.monotonic() < deadline:
+            seen = len(self._pending)
+            await asyncio.sleep(COALESCE_QUIET_SECONDS)
 
     async def get_stats(self) -> dict[str, int]:
         return dict(self.stats)
