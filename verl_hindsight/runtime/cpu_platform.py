@@ -141,9 +141,12 @@ class PlatformCPU(PlatformBase):
         # verl instantiates every registered platform while probing; only activate the CPU runtime in the
         # process where this platform is the one verl will use.
         if cpu_runtime_selected():
-            from verl_hindsight.runtime.activate import activate_cpu_runtime
+            try:
+                from verl_hindsight.runtime.activate import activate_cpu_runtime
 
-            activate_cpu_runtime()
+                activate_cpu_runtime()
+            except Exception as exc:  # the platform must still construct; the entry point logged the cause
+                logger.warning("verl-hindsight: CPU runtime activation failed: %s: %s", type(exc).__name__, exc)
 
     @property
     def device_name(self) -> str:
