@@ -105,6 +105,38 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _env_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--env-kwargs must be a JSON object, e.g. '{{\"n_doors\": 4}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit("--env-kwargs must be a JSON object")
+    return value
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from verl_hindsight.envs.data import write_env_dataset
+
+    train, val = write_env_dataset(args.env, args.out_dir, _env_kwargs(args.env_kwargs), args.max_train, args.max_val)
+    print(f"wrote {train} and {val}")
+    return 0
+
+
+def cmd_env_check(args: argparse.Namespace) -> int:
+    from verl_hindsight.envs.check import run_env_check, summarize
+    from verl_hindsight.envs.runner import RunnerLimits
+
+    reports = run_env_check(args.env, policy=args.policy, tasks=args.tasks, workers=args.workers, split=args.split,
+                            env_kwargs=_env_kwargs(args.env_kwargs), seed=args.seed, max_turns=args.max_turns,
+                            limits=RunnerLimits(step_timeout_s=args.step_timeout))
+    print(f"env-check {args.env} --policy {args.policy} ({args.split} split)")
+    print(summarize(reports))
+    return 0
+
+
 def cmd_recipes(_args: argparse.Namespace) -> int:
     print(recipes_dir())
     return 0
@@ -126,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model and tokenizer, offline")
     add_cli_arguments(tiny)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    prep = sub.add_parser("prepare-data", help="write train/val parquet for a registered environment")
+    prep.add_argument("env")
+    prep.add_argument("out_dir")
+    prep.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
+    prep.add_argument("--max-train", type=int)
+    prep.add_argument("--max-val", type=int)
+    prep.set_defaults(func=cmd_prepare_data)
+
+    check = sub.add_parser("env-check", help="play episodes without a model through the training code path")
+    check.add_argument("env")
+    check.add_argument("--policy", choices=["random", "oracle"], default="oracle")
+    check.add_argument("--tasks", type=int, default=20)
+    check.add_argument("--workers", type=int, default=1)
+    check.add_argument("--split", default="val")
+    check.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--max-turns", type=int, default=50)
+    check.add_argument("--step-timeout", type=float, default=30.0)
+    check.set_defaults(func=cmd_env_check)
 
     rec = sub.add_parser("recipes", help="print the recipes directory (for --config-path)")
     rec.set_defaults(func=cmd_recipes)

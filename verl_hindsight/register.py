@@ -63,7 +63,27 @@ def activate_cpu_runtime_if_selected() -> None:
         RolloutReplicaRegistry.register(name, _gpu_rollout_on_cpu(name))
 
 
-REGISTRATION_STEPS = (register_cpu_platform, register_rollout_backends, activate_cpu_runtime_if_selected)
+def _import(module: str):
+    def load():
+        import importlib
+
+        importlib.import_module(module)
+
+    return load
+
+
+def register_on_import() -> None:
+    """Registrations that need heavy verl modules run when those modules are imported anyway."""
+    from verl_hindsight.post_import import when_imported
+
+    # the `hindsight` V1 trainer, in the TaskRunner (which imports verl.trainer.ppo.v1 to look trainers up)
+    when_imported("verl.trainer.ppo.v1", _import("verl_hindsight.trainer.hindsight_trainer"))
+    # agent loops (@register), in the agent-loop workers
+    when_imported("verl.experimental.agent_loop.agent_loop", _import("verl_hindsight.agent_loops.text_env"))
+
+
+REGISTRATION_STEPS = (register_cpu_platform, register_rollout_backends, activate_cpu_runtime_if_selected,
+                      register_on_import)
 
 
 def register_all() -> list[str]:

@@ -1,0 +1,111 @@
+"""``toy``: a key-and-door corridor that needs multi-step credit assignment and trains on CPU in minutes.
+
+The agent walks a corridor of ``n_doors`` doors. Each door has one of ``n_colours`` colours; exactly one of the
+keys A.. opens it, and which one depends only on the colour through a hidden colour->key rule (a permutation
+fixed by ``rule_seed``, shared by all tasks). Each turn shows one door ("Door 2 of 4 is blue."); the action is a
+key letter. A wrong key ends the episode with an informative error ("wrong key: the blue door opens with D"),
+which is exactly the hindsight a teacher can use. Success only if every door opens.
+
+Rewards: ``partial`` (default) = doors opened / n_doors at the end; ``binary`` = 1 only if all doors open.
+A task is its colour sequence (the task id spells it, e.g. ``red-blue-red-green``); train and validation task
+sets are disjoint, fixed and deterministic given ``task_seed``. The oracle policy is the hidden rule.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+
+COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+KEYS = "ABCDEFGH"
+
+
+@register_env("toy")
+class KeyDoorCorridor(Environment):
+    instructions = (
+        "You walk down a corridor of locked doors. Each door has a colour, and the key that opens it depends "
+        "only on its colour. Open every door by answering with one key letter."
+    )
+
+    def __init__(self, n_doors: int = 4, n_colours: int = 6, rule_seed: int = 0, task_seed: int = 0,
+                 n_train: Optional[int] = None, n_val: Optional[int] = None, reward: str = "partial"):
+        if not 2 <= n_colours <= len(COLOURS):
+            raise ValueError(f"toy env: n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
+        if n_doors < 1:
+            raise ValueError(f"toy env: n_doors must be >= 1, got {n_doors}")
+        if reward not in ("partial", "binary"):
+            raise ValueError(f"toy env: reward must be 'partial' or 'binary', got {reward!r}")
+        total = n_colours ** n_doors
+        # defaults: 128 validation and 512 training tasks, fewer when the corridor is too short to have them
+        n_val = min(128, total // 5) if n_val is None else n_val
+        n_train = min(512, total - n_val) if n_train is None else n_train
+        if n_train + n_val > total:
+            raise ValueError(f"toy env: only {n_colours ** n_doors} distinct tasks exist; asked for {n_train + n_val}")
+        self.n_doors, self.reward_kind = n_doors, reward
+        self.colours = COLOURS[:n_colours]
+        self.keys = KEYS[:n_colours]
+        perm = list(self.keys)
+        random.Random(f"rule-{rule_seed}").shuffle(perm)
+        self.rule = dict(zip(self.colours, perm))  # the hidden rule
+        rng = random.Random(f"tasks-{task_seed}-{n_doors}-{n_colours}")
+        seen: dict[tuple[str, ...], None] = {}
+        while len(seen) < n_train + n_val:
+            seen.setdefault(tuple(rng.choice(self.colours) for _ in range(n_doors)), None)
+        ordered = ["-".join(seq) for seq in seen]
+        self._splits = {"train": ordered[:n_train], "val": ordered[n_train:]}
+        self._doors: list[str] = []
+        self._opened = 0
+        self._done = True
+
+    def task_ids(self, split: str) -> list[str]:
+        if split not in self._splits:
+            raise KeyError(f"toy env: unknown split {split!r}; use 'train' or 'val'")
+        return list(self._splits[split])
+
+    def _door_text(self) -> str:
+        return f"Door {self._opened + 1} of {self.n_doors} is {self._doors[self._opened]}."
+
+    def reset(self, task_id: str) -> Observation:
+        doors = task_id.split("-")
+        if len(doors) != self.n_doors or any(c not in self.colours for c in doors):
+            raise ValueError(f"toy env: task id {task_id!r} is not a sequence of {self.n_doors} of {self.colours}")
+        self._doors, self._opened, self._done = doors, 0, False
+        text = self._door_text()
+        return Observation(text, {"anchor": text, "admissible_actions": list(self.keys)})
+
+    def _final_reward(self) -> float:
+        if self.reward_kind == "binary":
+            return float(self._opened == self.n_doors)
+        return self._opened / self.n_doors
+
+    def step(self, action: str) -> StepResult:
+        if self._done:
+            raise RuntimeError("toy env: step() after the episode ended; call reset()")
+        key = action.strip()
+        if key not in self.keys:
+            return self.invalid_action(action, f"unknown key {key!r}; keys are {', '.join(self.keys)}")
+        colour = self._doors[self._opened]
+        if key != self.rule[colour]:
+            self._done = True
+            error = f"wrong key: the {colour} door opens with {self.rule[colour]}"
+            return StepResult(f"Key {key} does not open door {self._opened + 1}; {error}.", self._final_reward(),
+                              True, {"error": error, "success": False})
+        self._opened += 1
+        if self._opened == self.n_doors:
+            self._done = True
+            return StepResult("All doors are open.", self._final_reward(), True, {"success": True})
+        text = self._door_text()
+        return StepResult(text, 0.0, False, {"anchor": text, "admissible_actions": list(self.keys)})
+
+    def invalid_action(self, raw_text: str, reason: str) -> StepResult:
+        # A malformed answer does not open the door; the door stays and the agent may try again.
+        text = f"Invalid action: {reason}. {self._door_text()}" if not self._done else f"Invalid action: {reason}."
+        return StepResult(text, 0.0, False, {"invalid_action": True, "error": reason, "anchor": self._door_text()})
+
+    def oracle_action(self) -> Optional[str]:
+        return None if self._done else self.rule[self._doors[self._opened]]
+
+    def random_action(self, rng: random.Random) -> str:
+        return rng.choice(self.keys)

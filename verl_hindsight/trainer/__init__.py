@@ -1,0 +1,1 @@
+"""The hindsight V1 trainer (``trainer.v1.trainer_mode=hindsight``)."""
