@@ -1,7 +1,7 @@
 """Environments that fail on purpose, for the runner's fault tests (imported in env workers via env_modules).
 
 The task id says what goes wrong and at which step: ``<mode>-<step>`` with mode one of ok, raise, hang,
-malformed, crash, e.g. ``hang-1`` sleeps forever on the second step.
+malformed, crash, resetfail (fails in reset), e.g. ``hang-1`` sleeps forever on the second step.
 """
 
 import os
@@ -9,7 +9,7 @@ import time
 
 from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
 
-MODES = ("ok", "raise", "hang", "malformed", "crash")
+MODES = ("ok", "raise", "hang", "malformed", "crash", "resetfail")
 
 
 @register_env("faulty")
@@ -23,9 +23,9 @@ class FaultyEnv(Environment):
         return [f"{mode}-{k}" for mode in MODES for k in range(2)]
 
     def reset(self, task_id):
-        self.mode, at = task_id.split("-")
+        self.mode, at = task_id.split("-", 1)
         self.at, self.t = int(at), 0
-        if self.mode == "raise" and self.at == -1:
+        if self.mode == "resetfail":
             raise RuntimeError("reset exploded")
         return Observation(f"step 0 of {self.steps}", {"anchor": "s0"})
 

@@ -80,6 +80,7 @@ def register_on_import() -> None:
     when_imported("verl.trainer.ppo.v1", _import("verl_hindsight.trainer.hindsight_trainer"))
     # agent loops (@register), in the agent-loop workers
     when_imported("verl.experimental.agent_loop.agent_loop", _import("verl_hindsight.agent_loops.text_env"))
+    when_imported("verl.experimental.agent_loop.agent_loop", _import("verl_hindsight.agent_loops.tool_env"))
 
 
 REGISTRATION_STEPS = (register_cpu_platform, register_rollout_backends, activate_cpu_runtime_if_selected,

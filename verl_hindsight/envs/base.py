@@ -104,8 +104,17 @@ class Environment(ABC):
             info={"invalid_action": True, "error": reason},
         )
 
+    def tools(self) -> Optional[list[dict]]:
+        """OpenAI function schemas for tool-calling environments (rendered by the chat template); None for text.
+
+        Tool-calling environments receive ``step(payload)`` with ``payload`` a JSON object
+        ``{"content": str, "tool_calls": [{"name": str, "arguments": {...}}, ...]}``.
+        """
+        return None
+
     def oracle_action(self) -> Optional[str]:
-        """The reference solution's next action (plain action text), for ``env-check --policy oracle``."""
+        """The reference solution's next action (plain action text, or the tool-call payload), for
+        ``env-check --policy oracle``."""
         return None
 
     def random_action(self, rng: random.Random) -> str:

@@ -9,6 +9,7 @@ Users run it before spending GPU hours on a new environment.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from verl_hindsight.agent_loops.prompts import initial_messages
+from verl_hindsight.agent_loops.tool_calls import format_tool_calls, parse_tool_calls, tool_payload
 from verl_hindsight.envs.runner import EnvFailure, RunnerLimits, get_pool
 from verl_hindsight.spans import parse_tagged_action
 
@@ -38,12 +40,25 @@ def format_action(action: str, tag: str = "action") -> str:
     return f"<{tag}>{action}</{tag}>"
 
 
+def _write_and_parse(action: str, tool_env: bool, tag: str) -> tuple[str, Optional[str], Optional[str]]:
+    """Policy action -> model text in the agent's format -> (text, payload or None, parse error)."""
+    if tool_env:
+        payload = json.loads(action)
+        text = format_tool_calls(payload["tool_calls"], payload.get("content", ""))
+        parsed = parse_tool_calls(text)
+        return text, (None if parsed.error else tool_payload(parsed.content, parsed.calls)), parsed.error
+    text = format_action(action, tag)
+    parsed = parse_tagged_action(text, tag)
+    return text, parsed.text, parsed.error
+
+
 def play_episode(pool, task_id: str, policy: str, seed: int, max_turns: int, tag: str = "action") -> EpisodeReport:
     report = EpisodeReport(task_id)
     rng = random.Random(seed)
     with pool.session() as session:
         try:
             obs = session.reset(task_id)
+            tool_env = session.tools() is not None
             report.transcript.extend(initial_messages(session.instructions(), obs.text, tag))
             for _ in range(max_turns):
                 if policy == "oracle":
@@ -52,12 +67,11 @@ def play_episode(pool, task_id: str, policy: str, seed: int, max_turns: int, tag
                         raise EnvFailure("no_oracle", "the environment has no reference action in this state")
                 else:
                     action = session.random_action(rng.randrange(1 << 30))
-                text = format_action(action, tag)
-                parsed = parse_tagged_action(text, tag)
-                if parsed.text is None:
-                    result = session.invalid_action(text, parsed.error)
+                text, payload, error = _write_and_parse(action, tool_env, tag)
+                if payload is None:
+                    result = session.invalid_action(text, error)
                 else:
-                    result = session.step(parsed.text)
+                    result = session.step(payload)
                 report.turns += 1
                 report.reward += result.reward
                 report.invalid_actions += int(bool(result.info.get("invalid_action")))

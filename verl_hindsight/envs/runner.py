@@ -177,6 +177,9 @@ class EnvSession:
     def instructions(self) -> str:
         return self._call("instructions")
 
+    def tools(self) -> Optional[list[dict]]:
+        return self._call("tools")
+
     def close(self) -> None:
         if self.worker is not None:
             self.pool._release(self.worker)

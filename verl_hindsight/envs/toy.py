@@ -13,6 +13,7 @@ sets are disjoint, fixed and deterministic given ``task_seed``. The oracle polic
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Optional
 
@@ -30,11 +31,15 @@ class KeyDoorCorridor(Environment):
     )
 
     def __init__(self, n_doors: int = 4, n_colours: int = 6, rule_seed: int = 0, task_seed: int = 0,
-                 n_train: Optional[int] = None, n_val: Optional[int] = None, reward: str = "partial"):
+                 n_train: Optional[int] = None, n_val: Optional[int] = None, reward: str = "partial",
+                 interface: str = "text"):
         if not 2 <= n_colours <= len(COLOURS):
             raise ValueError(f"toy env: n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
         if n_doors < 1:
             raise ValueError(f"toy env: n_doors must be >= 1, got {n_doors}")
+        if interface not in ("text", "tools"):
+            raise ValueError(f"toy env: interface must be 'text' or 'tools', got {interface!r}")
+        self.interface = interface
         if reward not in ("partial", "binary"):
             raise ValueError(f"toy env: reward must be 'partial' or 'binary', got {reward!r}")
         total = n_colours ** n_doors
@@ -80,9 +85,32 @@ class KeyDoorCorridor(Environment):
             return float(self._opened == self.n_doors)
         return self._opened / self.n_doors
 
+    def tools(self) -> Optional[list[dict]]:
+        if self.interface != "tools":
+            return None
+        return [{"type": "function", "function": {
+            "name": "use_key", "description": "Try a key on the current door.",
+            "parameters": {"type": "object", "properties": {"key": {"type": "string", "enum": list(self.keys)}},
+                           "required": ["key"]}}}]
+
+    def _key_from_tool_payload(self, payload: str) -> tuple[Optional[str], str]:
+        try:
+            calls = json.loads(payload)["tool_calls"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None, "malformed tool payload"
+        if len(calls) != 1 or calls[0].get("name") != "use_key":
+            return None, "call use_key exactly once"
+        key = calls[0].get("arguments", {}).get("key")
+        return (key, "") if isinstance(key, str) else (None, "use_key needs a string argument 'key'")
+
     def step(self, action: str) -> StepResult:
         if self._done:
             raise RuntimeError("toy env: step() after the episode ended; call reset()")
+        if self.interface == "tools":
+            key, problem = self._key_from_tool_payload(action)
+            if key is None:
+                return self.invalid_action(action, problem)
+            action = key
         key = action.strip()
         if key not in self.keys:
             return self.invalid_action(action, f"unknown key {key!r}; keys are {', '.join(self.keys)}")
@@ -104,8 +132,13 @@ class KeyDoorCorridor(Environment):
         text = f"Invalid action: {reason}. {self._door_text()}" if not self._done else f"Invalid action: {reason}."
         return StepResult(text, 0.0, False, {"invalid_action": True, "error": reason, "anchor": self._door_text()})
 
+    def _as_action(self, key: str) -> str:
+        if self.interface == "tools":
+            return json.dumps({"content": "", "tool_calls": [{"name": "use_key", "arguments": {"key": key}}]})
+        return key
+
     def oracle_action(self) -> Optional[str]:
-        return None if self._done else self.rule[self._doors[self._opened]]
+        return None if self._done else self._as_action(self.rule[self._doors[self._opened]])
 
     def random_action(self, rng: random.Random) -> str:
-        return rng.choice(self.keys)
+        return self._as_action(rng.choice(self.keys))

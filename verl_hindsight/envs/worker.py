@@ -62,6 +62,8 @@ def main() -> int:
                 result = list(env.task_ids(*args))
             elif op == "instructions":
                 result = env.instructions
+            elif op == "tools":
+                result = env.tools()
             else:
                 raise ValueError(f"unknown op {op!r}")
             write_message(out, ("ok", result))

@@ -1,0 +1,283 @@
+"""Shared machinery of the plugin's multi-turn environment agent loops.
+
+An episode: reset the environment (in a worker process, :mod:`verl_hindsight.envs.runner`), render the first
+prompt with the model's chat template, then per turn: generate, parse the action (subclass hook), step the
+environment (or give it the malformed action), append the observation as context messages (mask 0), until the
+episode ends, the turn limit, or the ``response_length`` budget.
+
+Per trajectory it emits, next to verl's usual fields:
+- ``action_mask`` (tensor aligned to the response): 1 exactly on the tokens of each turn's action;
+- ``extra_fields["hs_turns"]``: one record per turn (:func:`turn_record`): the response token span of the whole
+  assistant message, the action sub-span, the observation the action answered, the environment's
+  feedback/error, the next observation, the step reward, and flags (invalid action, truncated, clipped);
+- ``extra_fields["hs_env"]``: environment name, task id, success, episode return, turns, invalid actions, and
+  ``failure`` (the reason when the environment crashed, hung or returned malformed data; then reward 0).
+
+The episode return (sum of step rewards) is the trajectory's ``reward_score``, so verl's reward loop is not
+used. Environment failures never raise out of the loop: the trajectory is kept, marked failed, scored 0.
+
+Dataset rows carry ``extra_info={"env": name, "env_kwargs": json, "task_id": ...}`` (``verl-hindsight
+prepare-data``). Loop settings come from the ``hindsight.env`` config block, overridable per loop in an
+``agent_loop_config_path`` yaml entry (:class:`EnvLoopSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+from uuid import uuid4
+
+import torch
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
+
+from verl_hindsight.agent_loops.prompts import DEFAULT_FORMAT_INSTRUCTIONS
+from verl_hindsight.envs.runner import EnvFailure, RunnerLimits, get_pool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnvLoopSettings:
+    action_tag: str = "action"
+    max_turns: int = 20
+    step_timeout_s: float = 30.0
+    episode_timeout_s: float = 600.0
+    format_instructions: str = DEFAULT_FORMAT_INSTRUCTIONS
+    env_modules: tuple[str, ...] = ()  # modules to import in env workers (user-registered environments)
+
+    @classmethod
+    def from_config(cls, config, overrides: dict[str, Any]) -> "EnvLoopSettings":
+        known = {f.name for f in fields(cls)}
+        block: dict[str, Any] = {}
+        hindsight = config.get("hindsight", None) if hasattr(config, "get") else None
+        if hindsight is not None and hindsight.get("env", None) is not None:
+            block = dict(hindsight.get("env"))
+        block.update({k: v for k, v in overrides.items() if k in known})
+        unknown = set(block) - known
+        if unknown:
+            raise ValueError(f"hindsight.env: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if "env_modules" in block:
+            block["env_modules"] = tuple(block["env_modules"] or ())
+        return cls(**block)
+
+
+@dataclass
+class TurnAction:
+    """What a subclass parsed from one assistant message."""
+
+    payload: Optional[str]  # what to send to env.step; None = malformed
+    error: Optional[str]  # why it is malformed
+    char_span: Optional[tuple[int, int]]  # the action's characters in the decoded message
+    flags: frozenset[str] = frozenset()
+    display: Optional[str] = None  # human-readable action for the records
+
+
+class HindsightAgentLoopOutput(AgentLoopOutput):
+    """verl's AgentLoopOutput plus the per-token action mask (V1 path: ``as_dict`` -> TransferQueue)."""
+
+    action_mask: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        action_mask = self.action_mask
+        output = super().as_dict()
+        output["action_mask"] = torch.tensor(action_mask, dtype=torch.int64)
+        return output
+
+
+def turn_record(index: int, response_span: tuple[int, int], action_span: Optional[tuple[int, int]],
+                action: TurnAction, context_observation: str, anchor: str, result, *,
+                truncated: bool) -> dict[str, Any]:
+    info = result.info if result is not None else {}
+    return {
+        "turn": index,
+        "response_span": list(response_span),  # [start, end) response positions of the whole assistant message
+        "action_span": list(action_span) if action_span else None,  # [start, end) of the action's tokens
+        "action": action.display if action.display is not None else action.payload,
+        "parse_error": action.error,
+        "flags": sorted(action.flags),
+        "observation": context_observation,  # what the model saw before acting
+        "anchor": anchor,  # raw observation before the action: the anchor-level grouping key
+        "feedback": info.get("error") or (result.observation if result is not None else ""),
+        "error": info.get("error"),
+        "next_observation": result.observation if result is not None else "",
+        "reward": float(result.reward) if result is not None else 0.0,
+        "done": bool(result.done) if result is not None else True,
+        "invalid_action": bool(info.get("invalid_action", action.payload is None)),
+        "truncated": truncated,
+    }
+
+
+class EnvAgentLoopBase(AgentLoopBase):
+    """Subclasses implement :meth:`initial_messages`, :meth:`parse_action` and :meth:`observation_messages`."""
+
+    agent_name = ""
+
+    def __init__(self, *args, **kwargs):
+        names = {f.name for f in fields(EnvLoopSettings)}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        super().__init__(*args, **kwargs)
+        self.settings = EnvLoopSettings.from_config(self.config, overrides)
+        self.response_length = self.rollout_config.response_length
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ subclass hooks
+    def initial_messages(self, instructions: str, first_observation: str) -> list[dict]:
+        raise NotImplementedError
+
+    def tools(self) -> Optional[list[dict]]:
+        return None
+
+    async def parse_action(self, gen_ids: list[int], text: str, truncated: bool) -> TurnAction:
+        raise NotImplementedError
+
+    def observation_messages(self, result) -> list[dict]:
+        raise NotImplementedError
+
+    def assistant_message(self, text: str, action: TurnAction) -> dict:
+        return {"role": "assistant", "content": text}
+
+    # ------------------------------------------------------------------ episode
+    async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
+        extra_info = dict(kwargs.get("extra_info") or {})
+        missing = [k for k in ("env", "task_id") if k not in extra_info]
+        if missing:
+            raise ValueError(
+                f"{self.agent_name}: dataset row extra_info lacks {missing}; build the data with "
+                "`verl-hindsight prepare-data ENV` (rows need extra_info.env and extra_info.task_id)"
+            )
+        env_name, task_id = extra_info["env"], str(extra_info["task_id"])
+        env_kwargs = extra_info.get("env_kwargs") or {}
+        env_kwargs = json.loads(env_kwargs) if isinstance(env_kwargs, str) else dict(env_kwargs)
+        s = self.settings
+        pool = get_pool(env_name, env_kwargs,
+                        RunnerLimits(step_timeout_s=s.step_timeout_s, episode_timeout_s=s.episode_timeout_s),
+                        s.env_modules)
+        session = await asyncio.to_thread(pool.session)
+        try:
+            return await self._run_episode(session, sampling_params, env_name, task_id)
+        finally:
+            await asyncio.to_thread(session.close)
+
+    async def _run_episode(self, session, sampling_params, env_name: str, task_id: str) -> AgentLoopOutput:
+        s = self.settings
+        summary = {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0,
+                   "invalid_actions": 0, "failure": "", "failure_detail": ""}
+        with_logprobs = bool(sampling_params.get("logprobs"))
+        try:
+            instructions = await asyncio.to_thread(session.instructions)
+            self._tools = await asyncio.to_thread(session.tools)
+            obs = await asyncio.to_thread(session.reset, task_id)
+        except EnvFailure as exc:
+            summary.update(failure=exc.reason, failure_detail=exc.detail)
+            return await self._failed_before_start(summary, with_logprobs)
+
+        messages = self.initial_messages(instructions, obs.text)
+        prompt_ids = await self.ct_build_initial_tokens(messages, tools=self.tools())
+        runtime_ids = list(prompt_ids)
+        response_mask: list[int] = []
+        response_logprobs: Optional[list[float]] = [] if with_logprobs else None
+        request_id = uuid4().hex
+        context_obs, anchor = obs.text, obs.info.get("anchor", obs.text)
+        turns: list[dict[str, Any]] = []
+        steps_seen: list[Any] = []
+
+        for index in range(s.max_turns):
+            budget = self.response_length - len(response_mask)
+            if budget <= 0:
+                break
+            out = await self.server_manager.generate(request_id=request_id, prompt_ids=runtime_ids,
+                                                     sampling_params=dict(sampling_params, max_tokens=budget))
+            steps_seen.append(out.extra_fields.get("global_steps"))
+            gen_ids = list(out.token_ids)
+            truncated = len(gen_ids) >= budget and (not gen_ids or gen_ids[-1] != self.eos_token_id)
+            merge, response_mask, response_logprobs = await self.ct_merge_assistant_token(
+                runtime_ids, gen_ids, response_mask, response_logprobs,
+                assistant_logprobs=list(out.log_probs) if with_logprobs else None,
+            )
+            runtime_ids = merge.token_ids
+            msg_end = len(response_mask)
+            msg_start = msg_end - merge.appended_token_count
+            text = self.tokenizer.decode(gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            action = await self.parse_action(gen_ids, text, truncated)
+            action_span = None
+            if action.char_span is not None and action.char_span[1] > action.char_span[0]:
+                from verl_hindsight.spans import char_span_to_token_span
+
+                a, b = char_span_to_token_span(self.tokenizer, gen_ids, *action.char_span)
+                action_span = (msg_start + a, msg_start + b)
+
+            result, failure = None, None
+            try:
+                if action.payload is None:
+                    result = await asyncio.to_thread(session.invalid_action, text, action.error or "malformed")
+                else:
+                    result = await asyncio.to_thread(session.step, action.payload)
+            except EnvFailure as exc:
+                failure = exc
+            if result is not None:
+                summary["return"] += result.reward
+                summary["invalid_actions"] += int(bool(result.info.get("invalid_action")))
+            turns.append(turn_record(index, (msg_start, msg_end), action_span, action, context_obs, anchor, result,
+                                     truncated=truncated))
+            if failure is not None:
+                summary.update(failure=failure.reason, failure_detail=failure.detail)
+                break
+            if result.done:
+                summary["success"] = bool(result.info.get("success", False))
+                break
+            if truncated or len(response_mask) >= self.response_length:
+                break
+            # The observation becomes context (mask 0), rendered by the chat template.
+            previous = messages + [self.assistant_message(text, action)]
+            messages = previous + self.observation_messages(result)
+            merge, response_mask, response_logprobs = await self.ct_merge_context_msg(
+                previous, messages, runtime_ids, response_mask, response_logprobs, tools=self.tools())
+            runtime_ids = merge.token_ids
+            context_obs = result.observation
+            anchor = result.info.get("anchor", result.observation)
+
+        summary["turns"] = len(turns)
+        known_steps = [x for x in steps_seen if x is not None]
+        return self._build_output(prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
+                                  min(known_steps) if known_steps else None, max(known_steps) if known_steps else None)
+
+    def _build_output(self, prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
+                      min_steps, max_steps) -> AgentLoopOutput:
+        limit = self.response_length
+        response_ids = runtime_ids[len(prompt_ids):]
+        if len(response_ids) != len(response_mask):
+            raise RuntimeError(f"{self.agent_name}: response ids ({len(response_ids)}) and mask "
+                               f"({len(response_mask)}) diverged; this is a bug in the loop")
+        response_ids, response_mask = response_ids[:limit], response_mask[:limit]
+        if response_logprobs is not None:
+            response_logprobs = response_logprobs[:limit]
+        action_mask = [0] * len(response_ids)
+        for t in turns:
+            for key in ("response_span", "action_span"):
+                span = t[key]
+                if span is not None and span[1] > limit:  # cut by the response length limit
+                    t[key] = [min(span[0], limit), limit]
+                    t["flags"] = sorted(set(t["flags"]) | {"clipped"})
+            if t["action_span"] is not None:
+                a, b = t["action_span"]
+                for i in range(a, b):
+                    action_mask[i] = int(response_mask[i] == 1)
+        reward = 0.0 if summary["failure"] else float(summary["return"])
+        extra = {"hs_turns": turns, "hs_env": summary, "min_global_steps": min_steps, "max_global_steps": max_steps,
+                 "turn_scores": [], "tool_rewards": []}
+        return HindsightAgentLoopOutput(
+            prompt_ids=list(prompt_ids), response_ids=response_ids, response_mask=response_mask,
+            response_logprobs=response_logprobs, reward_score=reward, num_turns=2 * len(turns), metrics={},
+            extra_fields=extra, action_mask=action_mask,
+        )
+
+    async def _failed_before_start(self, summary, with_logprobs: bool) -> AgentLoopOutput:
+        """The environment failed at reset: keep the sample (reward 0), marked failed, with nothing to learn:
+        its single response token has mask 0. Never dropped."""
+        messages = [{"role": "user", "content": f"(environment failure: {summary['failure']})"}]
+        prompt_ids = await self.ct_build_initial_tokens(messages)
+        return self._build_output(prompt_ids, list(prompt_ids) + [self.eos_token_id], [0],
+                                  [0.0] if with_logprobs else None, [], summary, None, None)
