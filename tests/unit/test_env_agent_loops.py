@@ -75,7 +75,7 @@ def check_structure(loop, out, text_actions=True):
         assert all(mask[i] == 1 for i in range(s, e))  # the whole assistant message is model-generated
         between = list(range(prev_end, s))
         assert all(mask[i] == 0 for i in between)  # observation / template tokens in between
-        if t["turn"] > 0:
+        if t["turn"] > 0 and s > 0:  # concatenated mode: the observation sits between the messages
             assert t["observation"] in tok.decode([ids[i] for i in between])
         prev_end = e
         if t["action_span"] is not None:
@@ -199,3 +199,47 @@ def train_tool_format(model_dir, out_dir, steps=120):
     model.save_pretrained(out_dir / "tool_model")
     tok.save_pretrained(out_dir / "tool_model")
     return out_dir / "tool_model"
+
+
+@pytest.mark.parametrize("text, error", [
+    ('<tool_call>{"name": "use_key", "arguments": {"key": "A"}}}</tool_call><|im_end|>', "unparseable_tool_call"),
+    ('<tool_call>{"name": "use_key"}</tool_call><|im_end|>', "unparseable_tool_call"),
+    ('<tool_call>{"name": "use_key", "arguments": {"ke', "truncated_action"),
+])
+async def test_tool_loop_flags_malformed_calls(tiny_model_dir, text, error):
+    loop = make_loop(tiny_model_dir, loop_name="tool")
+    ids = loop.tokenizer.encode(text, add_special_tokens=False)
+    action = await loop.parse_action(ids, loop.tokenizer.decode(ids, skip_special_tokens=False),
+                                     truncated=error == "truncated_action")
+    assert action.payload is None and action.error == error and action.char_span is not None
+
+
+async def test_tool_loop_plain_message_reaches_env_as_invalid_for_toy(tiny_model_dir):
+    """No tool call at all is a legal message; the toy env answers it with its invalid-action observation."""
+    from verl_hindsight.envs import make_env
+
+    loop = make_loop(tiny_model_dir, loop_name="tool")
+    ids = loop.tokenizer.encode("I am not sure.<|im_end|>", add_special_tokens=False)
+    action = await loop.parse_action(ids, loop.tokenizer.decode(ids, skip_special_tokens=False), truncated=False)
+    assert action.error is None and json.loads(action.payload)["tool_calls"] == []
+    env = make_env("toy", interface="tools")
+    env.reset(env.task_ids("val")[0])
+    res = env.step(action.payload)
+    assert res.info["invalid_action"] and not res.done
+
+
+async def test_history_mode_one_row_per_turn_with_last_k_steps(format_model, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    loop = make_loop(format_model, history_turns=1, env_modules=["fault_envs"])
+    outs = await run_task(loop, "ok-0", env="faulty")  # any answer advances: always 3 turns
+    assert isinstance(outs, list) and len(outs) == 3 == outs[-1].extra_fields["hs_env"]["turns"]
+    assert [o.extra_fields["hs_last_row"] for o in outs] == [False] * (len(outs) - 1) + [True]
+    for k, out in enumerate(outs):
+        (turn,) = check_structure(loop, out)
+        assert turn["turn"] == k and turn["response_span"] == [0, len(out.response_ids)]
+        prompt = loop.tokenizer.decode(out.prompt_ids)
+        if k > 0:  # only the previous step is shown (K = 1), then the current door
+            previous = outs[k - 1].extra_fields["hs_turns"][0]
+            assert f"Observation: {previous['observation']}" in prompt and "Your last 1 step(s):" in prompt
+            assert prompt.count("Observation:") == 1
+        assert out.reward_score == pytest.approx(outs[-1].extra_fields["hs_env"]["return"])

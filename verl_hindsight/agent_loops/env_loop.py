@@ -11,7 +11,11 @@ Per trajectory it emits, next to verl's usual fields:
   assistant message, the action sub-span, the observation the action answered, the environment's
   feedback/error, the next observation, the step reward, and flags (invalid action, truncated, clipped);
 - ``extra_fields["hs_env"]``: environment name, task id, success, episode return, turns, invalid actions, and
-  ``failure`` (the reason when the environment crashed, hung or returned malformed data; then reward 0).
+  ``failure`` (the reason when the environment crashed, hung or returned malformed data; then reward 0);
+  ``extra_fields["hs_last_row"]`` marks the episode's last row (history mode splits an episode into rows).
+
+With ``hindsight.env.history_turns=K`` each turn instead gets a fresh prompt showing only the last K steps and
+becomes its own training row (a list output; verl's GRPO broadcasts the episode advantage to every row).
 
 The episode return (sum of step rewards) is the trajectory's ``reward_score``, so verl's reward loop is not
 used. Environment failures never raise out of the loop: the trajectory is kept, marked failed, scored 0.
@@ -47,6 +51,9 @@ class EnvLoopSettings:
     episode_timeout_s: float = 600.0
     format_instructions: str = DEFAULT_FORMAT_INSTRUCTIONS
     env_modules: tuple[str, ...] = ()  # modules to import in env workers (user-registered environments)
+    # None: one growing conversation per episode. K >= 1: every turn gets a fresh prompt showing only the last K
+    # (observation, action) steps and is its own training row (verl-agent style, for long episodes).
+    history_turns: Optional[int] = None
 
     @classmethod
     def from_config(cls, config, overrides: dict[str, Any]) -> "EnvLoopSettings":
@@ -61,7 +68,10 @@ class EnvLoopSettings:
             raise ValueError(f"hindsight.env: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         if "env_modules" in block:
             block["env_modules"] = tuple(block["env_modules"] or ())
-        return cls(**block)
+        settings = cls(**block)
+        if settings.history_turns is not None and int(settings.history_turns) < 1:
+            raise ValueError(f"hindsight.env.history_turns must be >= 1 or null, got {settings.history_turns}")
+        return settings
 
 
 @dataclass
@@ -157,6 +167,8 @@ class EnvAgentLoopBase(AgentLoopBase):
                         s.env_modules)
         session = await asyncio.to_thread(pool.session)
         try:
+            if s.history_turns:
+                return await self._run_windowed_episode(session, sampling_params, env_name, task_id)
             return await self._run_episode(session, sampling_params, env_name, task_id)
         finally:
             await asyncio.to_thread(session.close)
@@ -244,8 +256,81 @@ class EnvAgentLoopBase(AgentLoopBase):
         return self._build_output(prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
                                   min(known_steps) if known_steps else None, max(known_steps) if known_steps else None)
 
+    def render_window(self, history: list[tuple[str, str]], observation: str) -> str:
+        """The observation shown in history mode: the last K (observation, action) steps, then the current one."""
+        if not history:
+            return observation
+        lines = [f"Your last {len(history)} step(s):"]
+        for obs, action in history:
+            lines += [f"Observation: {obs}", f"Action: {action}"]
+        lines.append(f"Current observation: {observation}")
+        return "\n".join(lines)
+
+    async def _run_windowed_episode(self, session, sampling_params, env_name: str, task_id: str):
+        """History mode: one training row per turn, each with a freshly rendered prompt (list output)."""
+        s = self.settings
+        summary = {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0,
+                   "invalid_actions": 0, "failure": "", "failure_detail": ""}
+        with_logprobs = bool(sampling_params.get("logprobs"))
+        try:
+            instructions = await asyncio.to_thread(session.instructions)
+            self._tools = await asyncio.to_thread(session.tools)
+            obs = await asyncio.to_thread(session.reset, task_id)
+        except EnvFailure as exc:
+            summary.update(failure=exc.reason, failure_detail=exc.detail)
+            return await self._failed_before_start(summary, with_logprobs)
+        history: list[tuple[str, str]] = []
+        observation, anchor = obs.text, obs.info.get("anchor", obs.text)
+        rows = []
+        for index in range(s.max_turns):
+            shown = self.render_window(history[-s.history_turns:], observation)
+            prompt_ids = await self.ct_build_initial_tokens(self.initial_messages(instructions, shown),
+                                                            tools=self.tools())
+            out = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
+                                                     sampling_params=dict(sampling_params,
+                                                                          max_tokens=self.response_length))
+            gen_ids = list(out.token_ids)[: self.response_length]
+            truncated = len(gen_ids) >= self.response_length and (not gen_ids or gen_ids[-1] != self.eos_token_id)
+            text = self.tokenizer.decode(gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            action = await self.parse_action(gen_ids, text, truncated)
+            action_span = None
+            if action.char_span is not None and action.char_span[1] > action.char_span[0]:
+                from verl_hindsight.spans import char_span_to_token_span
+
+                action_span = char_span_to_token_span(self.tokenizer, gen_ids, *action.char_span)
+            result, failure = None, None
+            try:
+                if action.payload is None:
+                    result = await asyncio.to_thread(session.invalid_action, text, action.error or "malformed")
+                else:
+                    result = await asyncio.to_thread(session.step, action.payload)
+            except EnvFailure as exc:
+                failure = exc
+            if result is not None:
+                summary["return"] += result.reward
+                summary["invalid_actions"] += int(bool(result.info.get("invalid_action")))
+            record = turn_record(index, (0, len(gen_ids)), action_span, action, observation, anchor, result,
+                                 truncated=truncated)
+            logprobs = list(out.log_probs)[: len(gen_ids)] if with_logprobs else None
+            rows.append((prompt_ids, gen_ids, logprobs, record, out.extra_fields.get("global_steps")))
+            if failure is not None:
+                summary.update(failure=failure.reason, failure_detail=failure.detail)
+                break
+            if result.done:
+                summary["success"] = bool(result.info.get("success", False))
+                break
+            history.append((observation, action.display or action.payload or text))
+            observation, anchor = result.observation, result.info.get("anchor", result.observation)
+        summary["turns"] = len(rows)
+        outputs = []
+        for k, (prompt_ids, gen_ids, logprobs, record, steps) in enumerate(rows):
+            # every row carries the whole episode's summary; GRPO broadcasts the episode advantage to all rows
+            outputs.append(self._build_output(prompt_ids, list(prompt_ids) + gen_ids, [1] * len(gen_ids), logprobs,
+                                              [record], summary, steps, steps, last_row=k == len(rows) - 1))
+        return outputs
+
     def _build_output(self, prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
-                      min_steps, max_steps) -> AgentLoopOutput:
+                      min_steps, max_steps, last_row: bool = True) -> AgentLoopOutput:
         limit = self.response_length
         response_ids = runtime_ids[len(prompt_ids):]
         if len(response_ids) != len(response_mask):
@@ -266,8 +351,8 @@ class EnvAgentLoopBase(AgentLoopBase):
                 for i in range(a, b):
                     action_mask[i] = int(response_mask[i] == 1)
         reward = 0.0 if summary["failure"] else float(summary["return"])
-        extra = {"hs_turns": turns, "hs_env": summary, "min_global_steps": min_steps, "max_global_steps": max_steps,
-                 "turn_scores": [], "tool_rewards": []}
+        extra = {"hs_turns": turns, "hs_env": dict(summary), "hs_last_row": last_row, "min_global_steps": min_steps,
+                 "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": []}
         return HindsightAgentLoopOutput(
             prompt_ids=list(prompt_ids), response_ids=response_ids, response_mask=response_mask,
             response_logprobs=response_logprobs, reward_score=reward, num_turns=2 * len(turns), metrics={},

@@ -49,7 +49,8 @@ def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict
     metrics["hindsight/rows_with_action_mask"] = 1.0
     metrics["hindsight/action_token_frac"] = action_tokens / max(response_tokens, 1)
     metrics["hindsight/action_tokens_on_observation"] = float(leaked)
-    envs = [e["hs_env"] for e in with_turns if "hs_env" in e]
+    # one summary per episode: in history mode an episode spans several rows, only its last row counts
+    envs = [e["hs_env"] for e in with_turns if "hs_env" in e and e.get("hs_last_row", True)]
     if envs:
         metrics["hindsight/env_success"] = sum(bool(e["success"]) for e in envs) / len(envs)
         metrics["hindsight/env_return"] = sum(float(e["return"]) for e in envs) / len(envs)
