@@ -78,3 +78,14 @@ def test_environment_faults_become_failed_trajectories_and_training_continues(fo
     assert m["hindsight/env_failure/env_error"] == 4
     assert m["hindsight/env_failure/step_timeout"] == 4
     assert m["hindsight/env_failure/malformed_output"] == 4
+
+
+def test_history_mode_rows_per_turn_through_main_ppo(format_model, tmp_path):
+    train, val = write_env_dataset("toy", tmp_path / "data", max_train=16, max_val=4)
+    rows = run_main_ppo(tmp_path, [f"actor_rollout_ref.model.path={format_model}", f"data.train_files={train}",
+                                   f"data.val_files={val}", "trainer.total_training_steps=1",
+                                   "hindsight.env.history_turns=2"])
+    m = rows[0]
+    assert m["hindsight/rows"] >= 16  # one row per turn: at least one per episode
+    assert m["hindsight/rows_with_turn_records"] == 1.0 and m["hindsight/action_tokens_on_observation"] == 0.0
+    assert m["hindsight/turns_mean"] * 16 == pytest.approx(m["hindsight/rows"])  # episodes x turns = rows

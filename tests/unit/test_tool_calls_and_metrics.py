@@ -84,5 +84,8 @@ def test_rollout_record_metrics_count_spans_and_failures():
     leaked = rollout_record_metrics([torch.tensor([0, 0, 0, 1, 0, 0, 0]), torch.tensor([0, 0, 0])],
                                     response_mask, extra)
     assert leaked["hindsight/action_tokens_on_observation"] == 1
+    padded = rollout_record_metrics(action_mask + [torch.tensor([1, 1])], response_mask + [torch.tensor([0])],
+                                    extra + [extra[0]], is_padding=[False, False, True])
+    assert padded == m  # verl's synthetic padding rows copy a real row's fields: they are left out
     missing = rollout_record_metrics(None, response_mask, [{}, {}])
     assert missing["hindsight/rows_with_action_mask"] == 0.0 and missing["hindsight/rows_with_turn_records"] == 0.0

@@ -352,7 +352,9 @@ class EnvAgentLoopBase(AgentLoopBase):
                     action_mask[i] = int(response_mask[i] == 1)
         reward = 0.0 if summary["failure"] else float(summary["return"])
         extra = {"hs_turns": turns, "hs_env": dict(summary), "hs_last_row": last_row, "min_global_steps": min_steps,
-                 "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": []}
+                 "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": [],
+                 # verl reads this from the final row of a multi-row episode when the loop sets reward_score itself
+                 "reward_extra_info": {}}
         return HindsightAgentLoopOutput(
             prompt_ids=list(prompt_ids), response_ids=response_ids, response_mask=response_mask,
             response_logprobs=response_logprobs, reward_score=reward, num_turns=2 * len(turns), metrics={},

@@ -31,8 +31,18 @@ def _rows(value) -> list:
     return list(value)
 
 
-def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict]) -> dict[str, float]:
-    """``hindsight/*`` metrics of one training batch (pure function; unit-tested)."""
+def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict],
+                           is_padding: list[bool] | None = None) -> dict[str, float]:
+    """``hindsight/*`` metrics of one training batch (pure function; unit-tested).
+
+    ``is_padding`` marks the synthetic rows verl appends to make the batch divisible by the data-parallel size;
+    they copy a real row's extra fields and are left out.
+    """
+    keep = [not p for p in is_padding] if is_padding is not None else [True] * len(extra_fields)
+    extra_fields = [e for e, k in zip(extra_fields, keep) if k]
+    if action_masks is not None:
+        action_masks = [r for r, k in zip(_rows(action_masks), keep) if k]
+    response_masks = [r for r, k in zip(_rows(response_masks), keep) if k]
     n = len(extra_fields)
     metrics: dict[str, float] = {"hindsight/rows": float(n)}
     with_turns = [e for e in extra_fields if isinstance(e, dict) and "hs_turns" in e]
@@ -41,7 +51,7 @@ def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict
         metrics["hindsight/rows_with_action_mask"] = 0.0
         return metrics
     action_tokens = response_tokens = leaked = 0
-    for am, rm in zip(_rows(action_masks), _rows(response_masks)):
+    for am, rm in zip(action_masks, response_masks):
         am, rm = am.long(), rm.long()
         action_tokens += int(am.sum())
         response_tokens += int(rm.sum())
@@ -98,10 +108,14 @@ class HindsightTrainer(PPOTrainerSync):
             action_masks = None
         extra = data.pop("extra_fields")
         extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
-        metrics = rollout_record_metrics(action_masks, data["response_mask"], extra)
+        is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+        metrics = rollout_record_metrics(action_masks, data["response_mask"], extra, is_padding)
         if metrics.get("hindsight/action_tokens_on_observation", 0) > 0:
-            raise RuntimeError("hindsight trainer: action_mask covers observation tokens (response_mask 0); "
-                               "the agent loop's spans are wrong")
+            bad = [(key, am.tolist(), rm.tolist()) for key, am, rm, pad in
+                   zip(batch.keys, _rows(action_masks), _rows(data["response_mask"]), is_padding)
+                   if not pad and int((am * (1 - rm)).sum())]
+            raise RuntimeError("hindsight trainer: action_mask covers observation tokens (response_mask 0); the agent "
+                               f"loop's spans are wrong. First offending row (key, action_mask, response_mask): {bad[0]}")
         return metrics
 
 
