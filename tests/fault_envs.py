@@ -29,6 +29,10 @@ class FaultyEnv(Environment):
             raise RuntimeError("reset exploded")
         return Observation(f"step 0 of {self.steps}", {"anchor": "s0"})
 
+    def invalid_action(self, raw_text, reason):
+        # malformed answers count as turns too, so a fault fires whatever the model writes
+        return self.step(raw_text)
+
     def step(self, action):
         if self.t == self.at:
             if self.mode == "raise":

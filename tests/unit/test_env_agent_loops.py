@@ -243,3 +243,11 @@ async def test_history_mode_one_row_per_turn_with_last_k_steps(format_model, mon
             assert f"Observation: {previous['observation']}" in prompt and "Your last 1 step(s):" in prompt
             assert prompt.count("Observation:") == 1
         assert out.reward_score == pytest.approx(outs[-1].extra_fields["hs_env"]["return"])
+
+
+async def test_unclosed_action_stops_at_end_of_turn_token(tiny_model_dir):
+    loop = make_loop(tiny_model_dir)
+    ids = loop.tokenizer.encode("<action>C<|im_end|>", add_special_tokens=False)
+    text = loop.tokenizer.decode(ids, skip_special_tokens=False)
+    action = await loop.parse_action(ids, text, truncated=False)
+    assert action.payload == "C" and "unclosed" in action.flags

@@ -27,7 +27,10 @@ class TextEnvAgentLoop(EnvAgentLoopBase):
                                 self.settings.format_instructions)
 
     async def parse_action(self, gen_ids, text: str, truncated: bool) -> TurnAction:
-        parsed = parse_tagged_action(text, self.settings.action_tag, truncated=truncated)
+        # The message text keeps special tokens (offsets must match the ids), so an unclosed action would run into
+        # the end-of-turn token; stop it there.
+        parsed = parse_tagged_action(text, self.settings.action_tag, truncated=truncated,
+                                     end_markers=(self.tokenizer.eos_token,) if self.tokenizer.eos_token else ())
         return TurnAction(payload=parsed.text, error=parsed.error, char_span=parsed.char_span, flags=parsed.flags)
 
     def observation_messages(self, result) -> list[dict]:
