@@ -7,7 +7,9 @@ Part 1 starts two servers from the same tiny model in one Ray session, identical
 requests to each and prints wall time, tokens/s and the speed-up (target: >= 4x at 16 requests).
 
 Part 2 runs the GRPO smoke recipe through stock ``main_ppo`` twice, batched and one-at-a-time, and prints the
-mean step time and generation time over steps 2..N (step 1 includes start-up work).
+mean step time and generation time over steps 2..N (step 1 includes start-up work). It uses the plugin's
+``hindsight`` trainer mode (verl's sync trainer with a 50 ms replay-buffer poll instead of 2 s), otherwise the
+poll interval, not generation, sets the step time.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def grpo_step_times(model_dir: Path, work: Path, steps: int, max_num_seqs: int) 
     cmd = main_ppo_command("cpu/grpo_smoke", [
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train}", f"data.val_files={val}",
         f"trainer.total_training_steps={steps}", f"actor_rollout_ref.rollout.max_num_seqs={max_num_seqs}",
+        "trainer.v1.trainer_mode=hindsight", "+hindsight.replay_poll_interval_s=0.05",
     ])
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics))
     with open(run / "verl.log", "w") as log:
