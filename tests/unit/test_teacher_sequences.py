@@ -1,0 +1,165 @@
+"""Teacher sequences built by token splicing, checked against sequences assembled independently in the test
+and scored by a plain transformers forward."""
+
+import random
+
+import pytest
+import torch
+
+from verl_hindsight.hindsight.teacher_sequences import (
+    DEFAULT_FEEDBACK_TEMPLATE,
+    FeedbackRenderer,
+    TargetTurn,
+    forwarded_tokens,
+    map_back,
+    plan_teacher_sequences,
+    score_with_rollout_server,
+    transformers_scorer,
+)
+
+NL = "\n"
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    return model, tok, FeedbackRenderer(tok), transformers_scorer(model)
+
+
+def random_trajectory(tok, rng, n_turns):
+    """A multi-turn trajectory shaped like the agent loop's: random 'generated' ids for each assistant message."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    eos = tok.eos_token_id
+    prompt = enc("<|im_start|>system\nOpen doors.<|im_end|>\n<|im_start|>user\nDoor 1 is red.<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    response, turns = [], []
+    normal = [i for i in range(len(tok)) if i not in tok.all_special_ids]
+    for k in range(n_turns):
+        if k:
+            response += enc(NL + f"<|im_start|>user\nDoor {k + 1} is blue.<|im_end|>\n<|im_start|>assistant\n")
+        start = len(response)
+        message = [rng.choice(normal) for _ in range(rng.randint(3, 9))] + [eos]
+        a = start + rng.randint(0, 2)
+        b = rng.randint(a + 1, start + len(message) - 1)
+        response += message
+        turns.append((k, start, a, b))
+    return prompt, response, turns
+
+
+def reference_teacher(tok, model, prompt, response, targets, cumulative):
+    """Independent assembly: student prefix ids + feedback message ids from the chat template + action ids."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    gen = enc("<|im_start|>assistant\n")
+    full = prompt + response
+    p0 = len(prompt)
+    out = {}
+    groups = [targets] if cumulative else [[t] for t in targets]
+    for group in groups:
+        seq, where, cursor = [], {}, 0
+        for (k, start, a, b), fb in group:
+            s = p0 + start
+            seq += full[cursor:s - len(gen)]
+            message = tok.apply_chat_template([{"role": "user", "content": DEFAULT_FEEDBACK_TEMPLATE.format(feedback=fb)}],
+                                              tokenize=False, add_generation_prompt=True)
+            seq += enc(message)
+            for i in range(a, b):
+                where[i] = len(seq) + (p0 + i - s)
+            cursor = s
+        last = group[-1][0]
+        seq += full[cursor:p0 + last[3]]
+        with torch.no_grad():
+            lp = model(input_ids=torch.tensor([seq])).logits[0].float().log_softmax(-1)
+        for i, j in where.items():
+            out[i] = float(lp[j - 1, seq[j]])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["isolated", "cumulative"])
+@pytest.mark.parametrize("seed", range(4))
+def test_teacher_logprobs_equal_independent_assembly(env, mode, seed):
+    model, tok, renderer, scorer = env
+    rng = random.Random(seed)
+    prompt, response, turns = random_trajectory(tok, rng, n_turns=rng.randint(2, 4))
+    chosen = sorted(rng.sample(turns, rng.randint(1, len(turns))))
+    feedback = {t[0]: f"hint {rng.randint(0, 99)}: the blue door opens with D" for t in chosen}
+    targets = [TargetTurn(k, s, a, b, feedback[k]) for k, s, a, b in chosen]
+    plan = plan_teacher_sequences(prompt, response, targets, renderer, mode=mode)
+    assert len(plan.sequences) == (len(chosen) if mode == "isolated" else 1) and not plan.skipped
+    teacher, mask = map_back(plan, scorer([s.token_ids for s in plan.sequences]), len(response))
+    ref = reference_teacher(tok, model, prompt, response, [(t, feedback[t[0]]) for t in chosen], mode == "cumulative")
+    assert {i for i, m in enumerate(mask) if m} == set(ref)
+    for i, value in ref.items():
+        assert teacher[i] == pytest.approx(value, abs=1e-5)
+    if mode == "isolated":  # never forwards tokens past a target's action
+        for seq, (k, s, a, b) in zip(plan.sequences, chosen):
+            assert seq.token_ids[-1] == response[b - 1]
+
+
+def test_cumulative_forwards_fewer_tokens_than_isolated(env):
+    _, tok, renderer, _ = env
+    prompt, response, turns = random_trajectory(tok, random.Random(7), n_turns=4)
+    targets = [TargetTurn(k, s, a, b, "fb") for k, s, a, b in turns]
+    iso = plan_teacher_sequences(prompt, response, targets, renderer, mode="isolated")
+    cum = plan_teacher_sequences(prompt, response, targets, renderer, mode="cumulative")
+    assert forwarded_tokens(cum) < forwarded_tokens(iso)
+
+
+def test_over_length_sequences_are_truncated_left_or_skipped(env):
+    model, tok, renderer, scorer = env
+    prompt, response, turns = random_trajectory(tok, random.Random(3), n_turns=3)
+    k, s, a, b = turns[-1]
+    targets = [TargetTurn(k, s, a, b, "some feedback")]
+    full_plan = plan_teacher_sequences(prompt, response, targets, renderer)
+    n = len(full_plan.sequences[0].token_ids)
+    cut = plan_teacher_sequences(prompt, response, targets, renderer, max_length=n - 5)
+    seq = cut.sequences[0]
+    assert len(seq.token_ids) == n - 5 and seq.truncated_left == 5
+    assert seq.token_ids == full_plan.sequences[0].token_ids[5:]
+    teacher, mask = map_back(cut, scorer([seq.token_ids]), len(response))
+    with torch.no_grad():  # reference: forward of the left-truncated sequence
+        lp = model(input_ids=torch.tensor([seq.token_ids])).logits[0].float().log_softmax(-1)
+    for i, j in seq.positions:
+        assert teacher[i] == pytest.approx(float(lp[j - 1, seq.token_ids[j]]), abs=1e-5)
+    skipped = plan_teacher_sequences(prompt, response, targets, renderer, max_length=n - 5, overflow="skip")
+    assert not skipped.sequences and skipped.skipped == [(k, "too_long")]
+    # a limit below the action's own length + 1 cannot keep the target with any context at all
+    tiny = plan_teacher_sequences(prompt, response, targets, renderer, max_length=b - a)
+    assert tiny.skipped == [(k, "too_long")]
+
+
+def test_bad_targets_are_skipped_with_reason_and_mask_respects_action_mask(env):
+    _, tok, renderer, scorer = env
+    prompt, response, turns = random_trajectory(tok, random.Random(5), n_turns=2)
+    (k0, s0, a0, b0), (k1, s1, a1, b1) = turns
+    plan = plan_teacher_sequences(prompt, response, [TargetTurn(k0, s0 + 1, a0 + 1, b0, "x"),  # not at a turn start
+                                                     TargetTurn(k1, s1, a1, b1, "y")], renderer)
+    assert plan.skipped == [(k0, "no_generation_prompt")] and len(plan.sequences) == 1
+    action_mask = [1] * len(response)
+    action_mask[a1] = 0  # e.g. a token the agent loop did not count as action
+    _, mask = map_back(plan, scorer([s.token_ids for s in plan.sequences]), len(response), action_mask)
+    assert mask[a1] == 0 and sum(mask) == b1 - a1 - 1
+    with pytest.raises(ValueError, match="mode"):
+        plan_teacher_sequences(prompt, response, [], renderer, mode="sometimes")
+
+
+async def test_rollout_server_scoring_matches_transformers(env, tiny_model_dir):
+    from verl.workers.config import RolloutConfig
+
+    from verl_hindsight.rollout.hf_server import HFRolloutServer
+
+    model, tok, renderer, scorer = env
+    server = HFRolloutServer(config=RolloutConfig(name="hf", prompt_length=256, response_length=16, dtype="float32",
+                                                  tensor_model_parallel_size=1),
+                             model_config={"path": str(tiny_model_dir)})
+
+    async def generate(request_id, prompt_ids, sampling_params):
+        return await server.generate(prompt_ids, dict(sampling_params), request_id)
+
+    prompt, response, turns = random_trajectory(tok, random.Random(11), n_turns=3)
+    plan = plan_teacher_sequences(prompt, response, [TargetTurn(k, s, a, b, "fb") for k, s, a, b in turns],
+                                  renderer, mode="isolated")
+    seqs = [s.token_ids for s in plan.sequences]
+    via_server = await score_with_rollout_server(generate, seqs)
+    direct = scorer(seqs)
+    for a, b in zip(via_server, direct):
+        assert a == pytest.approx(b, abs=1e-5)

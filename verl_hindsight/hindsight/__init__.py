@@ -1,0 +1,1 @@
+"""The hindsight stage: feedback sources, target selection, analyzer/reflector, teacher sequences."""
