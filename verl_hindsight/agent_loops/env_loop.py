@@ -85,6 +85,11 @@ class TurnAction:
     display: Optional[str] = None  # human-readable action for the records
 
 
+def new_summary(env_name: str, task_id: str) -> dict[str, Any]:
+    return {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0, "invalid_actions": 0,
+            "failure": "", "failure_detail": ""}
+
+
 class HindsightAgentLoopOutput(AgentLoopOutput):
     """verl's AgentLoopOutput plus the per-token action mask (V1 path: ``as_dict`` -> TransferQueue)."""
 
@@ -166,25 +171,54 @@ class EnvAgentLoopBase(AgentLoopBase):
                         RunnerLimits(step_timeout_s=s.step_timeout_s, episode_timeout_s=s.episode_timeout_s),
                         s.env_modules)
         session = await asyncio.to_thread(pool.session)
+        summary = new_summary(env_name, task_id)
         try:
-            if s.history_turns:
-                return await self._run_windowed_episode(session, sampling_params, env_name, task_id)
-            return await self._run_episode(session, sampling_params, env_name, task_id)
+            try:
+                instructions, obs = await self._reset(session, task_id)
+            except EnvFailure as exc:
+                summary.update(failure=exc.reason, failure_detail=exc.detail)
+                return await self._failed_before_start(summary, bool(sampling_params.get("logprobs")))
+            episode = self._run_windowed_episode if s.history_turns else self._run_episode
+            return await episode(session, sampling_params, summary, instructions, obs)
         finally:
             await asyncio.to_thread(session.close)
 
-    async def _run_episode(self, session, sampling_params, env_name: str, task_id: str) -> AgentLoopOutput:
-        s = self.settings
-        summary = {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0,
-                   "invalid_actions": 0, "failure": "", "failure_detail": ""}
-        with_logprobs = bool(sampling_params.get("logprobs"))
+    async def _reset(self, session, task_id: str):
+        instructions = await asyncio.to_thread(session.instructions)
+        self._tools = await asyncio.to_thread(session.tools)
+        return instructions, await asyncio.to_thread(session.reset, task_id)
+
+    def _action_span(self, gen_ids: list[int], action: TurnAction, offset: int) -> Optional[tuple[int, int]]:
+        """Token span of the action in the response (``offset`` = where the message starts)."""
+        if action.char_span is None or action.char_span[1] <= action.char_span[0]:
+            return None
+        from verl_hindsight.spans import char_span_to_token_span
+
+        a, b = char_span_to_token_span(self.tokenizer, gen_ids, *action.char_span)
+        return offset + a, offset + b
+
+    async def _act(self, session, text: str, action: TurnAction, summary: dict):
+        """Step the environment with the action (or hand it the malformed message); never raises.
+
+        Returns ``(result, episode_over)``; ``result`` is None when the environment failed (reason in ``summary``).
+        """
         try:
-            instructions = await asyncio.to_thread(session.instructions)
-            self._tools = await asyncio.to_thread(session.tools)
-            obs = await asyncio.to_thread(session.reset, task_id)
+            if action.payload is None:
+                result = await asyncio.to_thread(session.invalid_action, text, action.error or "malformed")
+            else:
+                result = await asyncio.to_thread(session.step, action.payload)
         except EnvFailure as exc:
             summary.update(failure=exc.reason, failure_detail=exc.detail)
-            return await self._failed_before_start(summary, with_logprobs)
+            return None, True
+        summary["return"] += result.reward
+        summary["invalid_actions"] += int(bool(result.info.get("invalid_action")))
+        if result.done:
+            summary["success"] = bool(result.info.get("success", False))
+        return result, result.done
+
+    async def _run_episode(self, session, sampling_params, summary, instructions, obs) -> AgentLoopOutput:
+        s = self.settings
+        with_logprobs = bool(sampling_params.get("logprobs"))
 
         messages = self.initial_messages(instructions, obs.text)
         prompt_ids = await self.ct_build_initial_tokens(messages, tools=self.tools())
@@ -214,33 +248,11 @@ class EnvAgentLoopBase(AgentLoopBase):
             msg_start = msg_end - merge.appended_token_count
             text = self.tokenizer.decode(gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             action = await self.parse_action(gen_ids, text, truncated)
-            action_span = None
-            if action.char_span is not None and action.char_span[1] > action.char_span[0]:
-                from verl_hindsight.spans import char_span_to_token_span
-
-                a, b = char_span_to_token_span(self.tokenizer, gen_ids, *action.char_span)
-                action_span = (msg_start + a, msg_start + b)
-
-            result, failure = None, None
-            try:
-                if action.payload is None:
-                    result = await asyncio.to_thread(session.invalid_action, text, action.error or "malformed")
-                else:
-                    result = await asyncio.to_thread(session.step, action.payload)
-            except EnvFailure as exc:
-                failure = exc
-            if result is not None:
-                summary["return"] += result.reward
-                summary["invalid_actions"] += int(bool(result.info.get("invalid_action")))
+            action_span = self._action_span(gen_ids, action, msg_start)
+            result, over = await self._act(session, text, action, summary)
             turns.append(turn_record(index, (msg_start, msg_end), action_span, action, context_obs, anchor, result,
                                      truncated=truncated))
-            if failure is not None:
-                summary.update(failure=failure.reason, failure_detail=failure.detail)
-                break
-            if result.done:
-                summary["success"] = bool(result.info.get("success", False))
-                break
-            if truncated or len(response_mask) >= self.response_length:
+            if over or truncated or len(response_mask) >= self.response_length:
                 break
             # The observation becomes context (mask 0), rendered by the chat template.
             previous = messages + [self.assistant_message(text, action)]
@@ -266,19 +278,10 @@ class EnvAgentLoopBase(AgentLoopBase):
         lines.append(f"Current observation: {observation}")
         return "\n".join(lines)
 
-    async def _run_windowed_episode(self, session, sampling_params, env_name: str, task_id: str):
+    async def _run_windowed_episode(self, session, sampling_params, summary, instructions, obs):
         """History mode: one training row per turn, each with a freshly rendered prompt (list output)."""
         s = self.settings
-        summary = {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0,
-                   "invalid_actions": 0, "failure": "", "failure_detail": ""}
         with_logprobs = bool(sampling_params.get("logprobs"))
-        try:
-            instructions = await asyncio.to_thread(session.instructions)
-            self._tools = await asyncio.to_thread(session.tools)
-            obs = await asyncio.to_thread(session.reset, task_id)
-        except EnvFailure as exc:
-            summary.update(failure=exc.reason, failure_detail=exc.detail)
-            return await self._failed_before_start(summary, with_logprobs)
         history: list[tuple[str, str]] = []
         observation, anchor = obs.text, obs.info.get("anchor", obs.text)
         rows = []
@@ -293,31 +296,13 @@ class EnvAgentLoopBase(AgentLoopBase):
             truncated = len(gen_ids) >= self.response_length and (not gen_ids or gen_ids[-1] != self.eos_token_id)
             text = self.tokenizer.decode(gen_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             action = await self.parse_action(gen_ids, text, truncated)
-            action_span = None
-            if action.char_span is not None and action.char_span[1] > action.char_span[0]:
-                from verl_hindsight.spans import char_span_to_token_span
-
-                action_span = char_span_to_token_span(self.tokenizer, gen_ids, *action.char_span)
-            result, failure = None, None
-            try:
-                if action.payload is None:
-                    result = await asyncio.to_thread(session.invalid_action, text, action.error or "malformed")
-                else:
-                    result = await asyncio.to_thread(session.step, action.payload)
-            except EnvFailure as exc:
-                failure = exc
-            if result is not None:
-                summary["return"] += result.reward
-                summary["invalid_actions"] += int(bool(result.info.get("invalid_action")))
+            action_span = self._action_span(gen_ids, action, 0)
+            result, over = await self._act(session, text, action, summary)
             record = turn_record(index, (0, len(gen_ids)), action_span, action, observation, anchor, result,
                                  truncated=truncated)
             logprobs = list(out.log_probs)[: len(gen_ids)] if with_logprobs else None
             rows.append((prompt_ids, gen_ids, logprobs, record, out.extra_fields.get("global_steps")))
-            if failure is not None:
-                summary.update(failure=failure.reason, failure_detail=failure.detail)
-                break
-            if result.done:
-                summary["success"] = bool(result.info.get("success", False))
+            if over:
                 break
             history.append((observation, action.display or action.payload or text))
             observation, anchor = result.observation, result.info.get("anchor", result.observation)
