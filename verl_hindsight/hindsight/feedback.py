@@ -1,0 +1,393 @@
+"""Hindsight feedback sources and their placement (SERL, methods-reference A1).
+
+A *feedback source* reads one GRPO group (the rollouts of one task, same ``uid``) and returns the hindsight text
+the self-teacher sees for each (trajectory index within the group, turn index); turns without feedback are simply
+absent. Sources are small registered functions so a new one is one decorator away, and combinations are named
+with ``+`` (``"successful_sibling+immediate"``, SERL's best variant).
+
+*Placement* decides where a text applies: turn-level (each turn keeps its own text) or anchor-level (turns of the
+group that saw the same raw observation are pooled and each sees every sibling action tried there).
+
+Rules shared by every source:
+- only action turns (``TurnRecord.action_span is not None``) get feedback: nothing else can ever be targeted;
+- trajectories whose environment failed (``Trajectory.failure``) neither get feedback nor lend it to siblings,
+  because their records cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from verl_hindsight.hindsight.analyzer import render_trajectory
+from verl_hindsight.hindsight.records import Trajectory, TurnRecord, group_by_uid
+
+Key = tuple[int, int]  # (trajectory index, turn index)
+FeedbackSource = Callable[[list[Trajectory]], dict[Key, str]]
+JudgeFn = Callable[[str], str]
+
+PLACEMENTS = ("turn", "anchor")
+JOIN = "\n\n"  # between the parts of a combined source
+STEP_CHARS = 300  # per-step clip in the compact renderings: one huge observation must not crowd out the rest
+NO_ACTION = "(no valid action)"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------------------------
+
+# name -> (callable, needs_judge). A judge entry is a *factory* taking ``judge_fn`` and returning a source.
+_REGISTRY: dict[str, tuple[Callable, bool]] = {}
+
+
+def register_feedback_source(name: str, *, needs_judge: bool = False):
+    """Decorator registering a source under ``name``.
+
+    With ``needs_judge=True`` the decorated callable is a factory ``(judge_fn) -> source`` instead, so the
+    judge client stays injectable (and fakeable in tests) rather than global.
+    """
+    if not name or "+" in name:
+        raise ValueError(f"invalid feedback source name {name!r}: non-empty, without '+'")
+
+    def decorate(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"feedback source {name!r} is already registered")
+        _REGISTRY[name] = (fn, needs_judge)
+        return fn
+
+    return decorate
+
+
+def feedback_source_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[Callable, bool]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown feedback source {name!r}; known: {', '.join(feedback_source_names())} "
+                       "(combine them with '+')") from None
+
+
+def _split(name: str) -> list[str]:
+    parts = [p.strip() for p in name.split("+")]
+    if not name or any(not p for p in parts):
+        raise KeyError(f"malformed feedback source name {name!r}; known: {', '.join(feedback_source_names())}")
+    return parts
+
+
+def needs_judge(name: str) -> bool:
+    """Whether the (possibly combined) source ``name`` needs a ``judge_fn``; raises KeyError on unknown names."""
+    return any(_lookup(p)[1] for p in _split(name))
+
+
+def get_feedback_source(name: str, judge_fn: Optional[JudgeFn] = None) -> FeedbackSource:
+    """The source called ``name``; ``"a+b"`` joins the non-empty texts of a and b (in that order) per turn."""
+    parts = []
+    for part in _split(name):
+        fn, wants_judge = _lookup(part)
+        if wants_judge:
+            if judge_fn is None:
+                raise ValueError(f"feedback source {part!r} needs a judge_fn")
+            fn = fn(judge_fn)
+        parts.append(fn)
+    return parts[0] if len(parts) == 1 else CombinedSource(parts)
+
+
+class CombinedSource:
+    """Several sources joined per turn; exposes the judge counters of its parts for the metrics."""
+
+    def __init__(self, parts: list[FeedbackSource]):
+        self.parts = parts
+
+    @property
+    def judge_calls(self) -> int:
+        return sum(getattr(p, "judge_calls", 0) for p in self.parts)
+
+    @property
+    def judge_failures(self) -> int:
+        return sum(getattr(p, "judge_failures", 0) for p in self.parts)
+
+    def __call__(self, group: list[Trajectory]) -> dict[Key, str]:
+        outputs = [p(group) for p in self.parts]
+        keys = sorted(set().union(*outputs))
+        joined = {k: JOIN.join(o[k] for o in outputs if o.get(k)) for k in keys}
+        return {k: v for k, v in joined.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_action_turn(t: TurnRecord) -> bool:
+    return t.action_span is not None
+
+
+def _live(group: list[Trajectory]) -> list[tuple[int, Trajectory]]:
+    """Trajectories whose environment did not fail, with their index in the group."""
+    return [(i, tr) for i, tr in enumerate(group) if not tr.failure]
+
+
+def _one_line(text: str, max_chars: int = STEP_CHARS) -> str:
+    """Whitespace collapsed to one line and clipped, so step lists stay compact and deterministic."""
+    text = " ".join(text.split())
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def _action_text(t: TurnRecord) -> str:
+    return _one_line(t.action) if t.action is not None else NO_ACTION
+
+
+def _env_answer(t: TurnRecord) -> str:
+    # the record's ``feedback`` already is "error if any, else next observation"
+    return _one_line(t.feedback or t.next_observation)
+
+
+def _outcome(tr: Trajectory) -> str:
+    return f"Outcome: {'succeeded' if tr.success else 'failed'} (return {tr.episode_return:g})."
+
+
+def _per_turn(group: list[Trajectory], text_of: Callable[[TurnRecord], str]) -> dict[Key, str]:
+    out = {}
+    for i, tr in _live(group):
+        for t in tr.turns:
+            text = text_of(t) if is_action_turn(t) else ""
+            if text:
+                out[(i, t.turn)] = text
+    return out
+
+
+def clip_start(text: str, max_chars: Optional[int]) -> str:
+    """Keep the end of ``text`` (where outcomes and the latest answers are), marking the cut with '…'."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    return "…" + text[len(text) - max_chars + 1:] if max_chars > 1 else text[-max_chars:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@register_feedback_source("immediate")
+def immediate_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """The environment's answer right after the action (its error if any, else the next observation)."""
+    return _per_turn(group, lambda t: t.feedback)
+
+
+@register_feedback_source("next_observation")
+def next_observation_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """The full next prompt the agent saw after acting."""
+    return _per_turn(group, lambda t: t.next_observation)
+
+
+def render_future(tr: Trajectory, from_pos: int) -> str:
+    """This step and every later one as "Step n: <action> -> <answer>", then the outcome (steps 1-based)."""
+    lines = [f"Step {pos + 1}: {_action_text(t)} -> {_env_answer(t)}"
+             for pos, t in enumerate(tr.turns) if pos >= from_pos]
+    return "\n".join(lines + [_outcome(tr)])
+
+
+@register_feedback_source("future")
+def future_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """The rest of the same trajectory from the turn on, ending with the outcome."""
+    out = {}
+    for i, tr in _live(group):
+        for pos, t in enumerate(tr.turns):
+            if is_action_turn(t):
+                out[(i, t.turn)] = render_future(tr, pos)
+    return out
+
+
+def render_actions(tr: Trajectory) -> str:
+    """A successful attempt's actions, one numbered step a line (1-based)."""
+    steps = [f"Step {pos + 1}: {_action_text(t)}" for pos, t in enumerate(tr.turns)]
+    return "\n".join(["A successful attempt at the same task took these actions:"] + steps)
+
+
+@register_feedback_source("successful_sibling")
+def successful_sibling_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """For each unsuccessful trajectory, the first successful other rollout of the group (same text per turn).
+
+    The successful trajectory itself gets nothing: re-prompting a success with itself teaches nothing
+    (SDPO/SERL ``dont_reprompt_on_self_success``).
+    """
+    winners = [i for i, tr in _live(group) if tr.success]
+    if not winners:
+        return {}
+    text = render_actions(group[winners[0]])
+    out = {}
+    for i, tr in _live(group):
+        if tr.success:
+            continue
+        for t in tr.turns:
+            if is_action_turn(t):
+                out[(i, t.turn)] = text
+    return out
+
+
+JUDGE_PREFIXES = ("This rollout succeeded.", "This rollout failed.")
+
+JUDGE_PROMPT = """You review one episode of an agent acting in an environment.
+Write a summary of 2 to 4 sentences for the agent: what went right or wrong, and what it should do differently.
+Start with exactly "This rollout succeeded." if the final outcome is a success, else with exactly \
+"This rollout failed."
+Reply with the summary only.
+
+{episode}"""
+
+
+def judge_prompt(tr: Trajectory, max_chars: int = 12000) -> str:
+    return JUDGE_PROMPT.format(episode=render_trajectory(tr, max_chars=max_chars))
+
+
+def valid_judge_answer(answer: object) -> Optional[str]:
+    """The stripped answer when it is usable, else None (non-string, empty, or missing the required opening)."""
+    if not isinstance(answer, str):
+        return None
+    answer = answer.strip()
+    return answer if answer.startswith(JUDGE_PREFIXES) else None
+
+
+class JudgeSource:
+    """One judge call per live trajectory; its summary applies to every action turn of that trajectory.
+
+    A bad answer or an exception is counted in ``judge_failures`` and yields no feedback for that trajectory:
+    one flaky judge call must never take down a training step.
+    """
+
+    def __init__(self, judge_fn: JudgeFn):
+        self.judge_fn = judge_fn
+        self.judge_calls = 0
+        self.judge_failures = 0
+
+    def __call__(self, group: list[Trajectory]) -> dict[Key, str]:
+        out = {}
+        for i, tr in _live(group):
+            action_turns = [t.turn for t in tr.turns if is_action_turn(t)]
+            if not action_turns:
+                continue  # nothing to give feedback to: spare the call
+            self.judge_calls += 1
+            try:
+                answer = valid_judge_answer(self.judge_fn(judge_prompt(tr)))
+            except Exception:  # noqa: BLE001 - any client error is a counted failure, by design
+                answer = None
+            if answer is None:
+                self.judge_failures += 1
+                continue
+            out.update({(i, t): answer for t in action_turns})
+        return out
+
+
+@register_feedback_source("judge", needs_judge=True)
+def make_judge_source(judge_fn: JudgeFn) -> JudgeSource:
+    return JudgeSource(judge_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def anchor_pools(group: list[Trajectory], similarity: Optional[float] = None) -> list[list[Key]]:
+    """Action turns of the live trajectories pooled by anchor, in (trajectory, turn) order.
+
+    Exact match by default; with ``similarity`` a turn joins the first pool whose first anchor has a difflib
+    ratio >= similarity (greedy, so the result depends only on the input order).
+    """
+    pools: list[tuple[str, list[Key]]] = []
+    for i, tr in _live(group):
+        for t in tr.turns:
+            if not is_action_turn(t):
+                continue
+            for anchor, members in pools:
+                if anchor == t.anchor or (
+                        similarity is not None
+                        and difflib.SequenceMatcher(None, anchor, t.anchor).ratio() >= similarity):
+                    members.append((i, t.turn))
+                    break
+            else:
+                pools.append((t.anchor, [(i, t.turn)]))
+    return [members for _, members in pools]
+
+
+def anchor_level(group: list[Trajectory], feedback: dict[Key, str],
+                 similarity: Optional[float] = None) -> dict[Key, str]:
+    """Each pooled turn gets every distinct action tried at its anchor with that action's feedback.
+
+    Lines are "action <a> -> <feedback>" in (trajectory, turn) order, one per distinct action (its first
+    occurrence with feedback); actions without feedback are left out, and so are pools with none.
+    """
+    turns = {(i, t.turn): t for i, tr in enumerate(group) for t in tr.turns}
+    out = {}
+    for members in anchor_pools(group, similarity):
+        seen, lines = set(), []
+        for key in members:
+            action = _action_text(turns[key])
+            if action in seen or not feedback.get(key):
+                continue
+            seen.add(action)
+            lines.append(f"action {action} -> {feedback[key]}")
+        if lines:
+            text = "\n".join(lines)
+            out.update({key: text for key in members})
+    return out
+
+
+def turn_level(group: list[Trajectory], feedback: dict[Key, str], similarity: Optional[float] = None):
+    return dict(feedback)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    source: str = "immediate"  # a registered name, or several joined with '+'
+    placement: str = "turn"  # "turn" | "anchor"
+    similarity: Optional[float] = None  # anchor placement only: difflib ratio threshold (SERL: 0.95); None = exact
+    max_chars: Optional[int] = 4000  # per feedback text, clipped from the start (the end is kept); None = no clip
+
+    def __post_init__(self):
+        needs_judge(self.source)  # fail at config time on unknown names
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"hindsight feedback placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.similarity is not None and not 0.0 < self.similarity <= 1.0:
+            raise ValueError(f"hindsight feedback similarity must be in (0, 1], got {self.similarity!r}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ValueError(f"hindsight feedback max_chars must be >= 1 or None, got {self.max_chars!r}")
+
+
+def compute_feedback(trajectories: list[Trajectory], config: FeedbackConfig,
+                     judge_fn: Optional[JudgeFn] = None) -> tuple[dict[Key, str], dict[str, float]]:
+    """Feedback per (index in ``trajectories``, turn) for the whole batch, plus ``hindsight/*`` metrics.
+
+    Sources see one GRPO group at a time (siblings and anchors only make sense within a task).
+    ``hindsight/feedback_coverage`` is over all action turns of the batch, env-failed trajectories included,
+    so it shows how much of the batch hindsight can reach.
+    """
+    source = get_feedback_source(config.source, judge_fn=judge_fn)
+    place = anchor_level if config.placement == "anchor" else turn_level
+    feedback: dict[Key, str] = {}
+    for indices in group_by_uid(trajectories).values():
+        group = [trajectories[i] for i in indices]
+        placed = place(group, source(group), config.similarity)
+        for (local, turn), text in placed.items():
+            if text and not group[local].failure:  # guard for third-party sources
+                feedback[(indices[local], turn)] = clip_start(text, config.max_chars)
+
+    action_turns = [(i, t.turn) for i, tr in enumerate(trajectories) for t in tr.turns if is_action_turn(t)]
+    covered = sum(1 for key in action_turns if key in feedback)
+    metrics = {
+        "hindsight/feedback_coverage": covered / len(action_turns) if action_turns else 0.0,
+        "hindsight/feedback_turns": float(len(feedback)),
+        "hindsight/feedback_mean_chars": (sum(map(len, feedback.values())) / len(feedback)) if feedback else 0.0,
+    }
+    if hasattr(source, "judge_failures"):
+        metrics["hindsight/judge_calls"] = float(source.judge_calls)
+        metrics["hindsight/judge_failures"] = float(source.judge_failures)
+    return feedback, metrics
