@@ -143,7 +143,16 @@ def register_env(name: str):
 
 # Modules that define the built-in environments; imported on first lookup so that `import verl_hindsight.envs`
 # stays cheap in every verl process.
-_BUILTIN_ENV_MODULES = {"toy": "verl_hindsight.envs.toy"}
+# Built-in environments are imported on first use, so a benchmark's optional dependencies are only needed by
+# the users who pick it.
+_BUILTIN_ENV_MODULES = {
+    "toy": "verl_hindsight.envs.toy",
+    "bfcl": "verl_hindsight.envs.bfcl",
+    "tau": "verl_hindsight.envs.tau",
+    "alfworld": "verl_hindsight.envs.alfworld",
+    "webshop": "verl_hindsight.envs.webshop",
+    "appworld": "verl_hindsight.envs.appworld",
+}
 
 
 def make_env(name: str, **kwargs) -> Environment:
