@@ -1,1 +1,1 @@
-"""The hindsight methods\x27 math: the SERL advantage estimator and the teacher-student divergence losses."""
+"""The hindsight methods' math: the SERL advantage estimator and the teacher-student divergence losses."""
