@@ -78,6 +78,8 @@ def register_on_import() -> None:
 
     # the `hindsight` V1 trainer, in the TaskRunner (which imports verl.trainer.ppo.v1 to look trainers up)
     when_imported("verl.trainer.ppo.v1", _import("verl_hindsight.trainer.hindsight_trainer"))
+    # the `serl` advantage estimator (verl's register_adv_est), wherever verl's estimators are looked up
+    when_imported("verl.trainer.ppo.core_algos", _import("verl_hindsight.algo.serl"))
     # agent loops (@register), in the agent-loop workers
     when_imported("verl.experimental.agent_loop.agent_loop", _import("verl_hindsight.agent_loops.text_env"))
     when_imported("verl.experimental.agent_loop.agent_loop", _import("verl_hindsight.agent_loops.tool_env"))

@@ -37,6 +37,7 @@ from uuid import uuid4
 import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 
+from verl_hindsight.agent_loops.hindsight_answers import AnswerSettings, answer_episode, answer_fn
 from verl_hindsight.agent_loops.prompts import DEFAULT_FORMAT_INSTRUCTIONS
 from verl_hindsight.envs.runner import EnvFailure, RunnerLimits, get_pool
 
@@ -135,6 +136,7 @@ class EnvAgentLoopBase(AgentLoopBase):
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         super().__init__(*args, **kwargs)
         self.settings = EnvLoopSettings.from_config(self.config, overrides)
+        self.answer_settings = AnswerSettings.from_config(self.config)
         self.response_length = self.rollout_config.response_length
         self.eos_token_id = self.tokenizer.eos_token_id
 
@@ -265,8 +267,17 @@ class EnvAgentLoopBase(AgentLoopBase):
 
         summary["turns"] = len(turns)
         known_steps = [x for x in steps_seen if x is not None]
+        answers = await self._answer(turns, summary)
         return self._build_output(prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
-                                  min(known_steps) if known_steps else None, max(known_steps) if known_steps else None)
+                                  min(known_steps) if known_steps else None, max(known_steps) if known_steps else None,
+                                  answers=answers)
+
+    async def _answer(self, turns: list[dict], summary: dict) -> dict[str, Any]:
+        """The analyzer's / reflector's reading of the finished episode (``hindsight.analyzer``), if enabled."""
+        if self.answer_settings.role == "none" or summary["failure"]:
+            return {}
+        fn = answer_fn(self.answer_settings, self.tokenizer, self.server_manager)
+        return await answer_episode(self.answer_settings, fn, turns, summary)
 
     def render_window(self, history: list[tuple[str, str]], observation: str) -> str:
         """The observation shown in history mode: the last K (observation, action) steps, then the current one."""
@@ -307,15 +318,19 @@ class EnvAgentLoopBase(AgentLoopBase):
             history.append((observation, action.display or action.payload or text))
             observation, anchor = result.observation, result.info.get("anchor", result.observation)
         summary["turns"] = len(rows)
+        answers = await self._answer([r[3] for r in rows], summary)
         outputs = []
         for k, (prompt_ids, gen_ids, logprobs, record, steps) in enumerate(rows):
             # every row carries the whole episode's summary; GRPO broadcasts the episode advantage to all rows
+            # every row carries the answers too: a row's trajectory view holds only its own turn
             outputs.append(self._build_output(prompt_ids, list(prompt_ids) + gen_ids, [1] * len(gen_ids), logprobs,
-                                              [record], summary, steps, steps, last_row=k == len(rows) - 1))
+                                              [record], summary, steps, steps, last_row=k == len(rows) - 1,
+                                              answers=answers))
         return outputs
 
     def _build_output(self, prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
-                      min_steps, max_steps, last_row: bool = True) -> AgentLoopOutput:
+                      min_steps, max_steps, last_row: bool = True,
+                      answers: Optional[dict[str, Any]] = None) -> AgentLoopOutput:
         limit = self.response_length
         response_ids = runtime_ids[len(prompt_ids):]
         if len(response_ids) != len(response_mask):
@@ -339,7 +354,10 @@ class EnvAgentLoopBase(AgentLoopBase):
         extra = {"hs_turns": turns, "hs_env": dict(summary), "hs_last_row": last_row, "min_global_steps": min_steps,
                  "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": [],
                  # verl reads this from the final row of a multi-row episode when the loop sets reward_score itself
-                 "reward_extra_info": {}}
+                 "reward_extra_info": {},
+                 # analyzer / reflector answers (hindsight.analyzer); same keys on every row
+                 "hs_analysis": None, "hs_reflection": None}
+        extra.update(answers or {})
         return HindsightAgentLoopOutput(
             prompt_ids=list(prompt_ids), response_ids=response_ids, response_mask=response_mask,
             response_logprobs=response_logprobs, reward_score=reward, num_turns=2 * len(turns), metrics={},

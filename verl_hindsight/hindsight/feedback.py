@@ -177,6 +177,16 @@ def immediate_feedback(group: list[Trajectory]) -> dict[Key, str]:
     return _per_turn(group, lambda t: t.feedback)
 
 
+@register_feedback_source("error")
+def error_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """Only the environment's complaints (``info["error"]``): the turns where the environment says what went wrong.
+
+    The failing step with the environment's own correction: what an analyzer would pick when the environment
+    already explains the failure (used where the policy is too weak to be its own analyzer, e.g. the CPU demo).
+    """
+    return _per_turn(group, lambda t: t.error or "")
+
+
 @register_feedback_source("next_observation")
 def next_observation_feedback(group: list[Trajectory]) -> dict[Key, str]:
     """The full next prompt the agent saw after acting."""
@@ -237,6 +247,38 @@ Start with exactly "This rollout succeeded." if the final outcome is a success, 
 Reply with the summary only.
 
 {episode}"""
+
+
+@register_feedback_source("analyzer")
+def analyzer_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """HINT-SD: the analyzer's correction at each step it picked (recorded by the agent loop as ``hs_analysis``)."""
+    out = {}
+    for i, tr in _live(group):
+        action_turns = {t.turn for t in tr.turns if is_action_turn(t)}
+        for turn, text in (tr.extra.get("hs_analysis") or {}).get("steps") or ():
+            if int(turn) in action_turns and str(text).strip():
+                out[(i, int(turn))] = str(text).strip()
+    return out
+
+
+def render_diagnosis(d: dict) -> str:
+    parts = [f"This step was {'necessary' if d.get('necessary') else 'unnecessary'} and "
+             f"{'valid' if d.get('valid') else 'invalid'}.", str(d.get("diagnosis", "")).strip()]
+    if d.get("corrected_action"):
+        parts.append(f"A better action: {d['corrected_action']}")
+    return " ".join(p for p in parts if p)
+
+
+@register_feedback_source("reflection")
+def reflection_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """HERO: the reflector's turn-level diagnosis (``hs_reflection``), on diagnosed action turns only."""
+    out = {}
+    for i, tr in _live(group):
+        action_turns = {t.turn for t in tr.turns if is_action_turn(t)}
+        for d in (tr.extra.get("hs_reflection") or {}).get("turns") or ():
+            if int(d.get("turn", -1)) in action_turns and str(d.get("diagnosis", "")).strip():
+                out[(i, int(d["turn"]))] = render_diagnosis(d)
+    return out
 
 
 def judge_prompt(tr: Trajectory, max_chars: int = 12000) -> str:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+ANSWER_FIELDS = ("hs_analysis", "hs_reflection")
+
+
 @dataclass(frozen=True)
 class TurnRecord:
     turn: int
@@ -76,6 +79,8 @@ class Trajectory:
             env=str(env.get("env", "")),
             failure=str(env.get("failure", "") or ""),
             key=key,
+            # what the agent loop's analyzer/reflector said about this episode (see agent_loops.hindsight_answers)
+            extra={k: extra_fields[k] for k in ANSWER_FIELDS if extra_fields.get(k) is not None},
         )
 
 

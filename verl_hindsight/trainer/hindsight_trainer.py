@@ -1,7 +1,19 @@
 """``trainer.v1.trainer_mode=hindsight``: verl's synchronous V1 trainer plus the hindsight stages.
 
 Behaves exactly like verl's ``sync`` trainer otherwise (it *is* ``PPOTrainerSync``, pinned to sync mode).
-Today it adds:
+The data flow of one step, with what this class adds in brackets::
+
+    rollout -> reward -> old log-probs [-> hindsight stage: feedback, targets, teacher log-probs]
+            -> ref -> advantage [SERL reweighting] -> actor update [distillation term; EMA/lagged teacher update]
+
+- the hindsight stage (``hindsight.enable``, :mod:`verl_hindsight.hindsight.stage`) writes ``teacher_log_probs``
+  (fp32) and ``hindsight_mask`` next to ``old_log_probs`` in TransferQueue, and logs ``hindsight/*`` metrics;
+- ``algorithm.adv_estimator=serl``: verl's GRPO advantage (with its multi-row session broadcast and rollout
+  correction untouched) reweighted on hindsight tokens (:mod:`verl_hindsight.algo.serl`);
+- ``hindsight.distill.coef > 0``: the actor loss gains the masked divergence (:mod:`verl_hindsight.algo.loss`),
+  installed with verl's ``set_loss_fn``;
+- ``hindsight.teacher.kind`` frozen/ema/lagged: the teacher is the worker's reference model
+  (:mod:`.teacher_worker`), updated after each actor update and saved with verl's checkpoints;
 - rollout accounting: after each rollout it reads the agent loops' per-turn records and action masks from
   TransferQueue and logs ``hindsight/*`` metrics (environment success, failures by reason, invalid actions,
   turns, action-token fraction) and checks that action masks never cover observation tokens;
@@ -11,8 +23,13 @@ Today it adds:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from collections import Counter
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from verl.trainer.ppo.v1.trainer_base import register_trainer
@@ -74,22 +91,261 @@ def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict
     return metrics
 
 
+TEACHER_DIR = "hindsight_teacher"
+
+
+def _nested(rows: list[list], dtype) -> "torch.Tensor":
+    import torch
+
+    return torch.nested.as_nested_tensor([torch.tensor(r, dtype=dtype) for r in rows], layout=torch.jagged)
+
+
+@contextmanager
+def _estimator_as(config, name: str):
+    """Run verl's own advantage code under another estimator name (SERL = GRPO + reweighting afterwards)."""
+    from omegaconf import open_dict
+
+    original = config.algorithm.adv_estimator
+    with open_dict(config):
+        config.algorithm.adv_estimator = name
+    try:
+        yield
+    finally:
+        with open_dict(config):
+            config.algorithm.adv_estimator = original
+
+
 @register_trainer(TRAINER_MODE)
 class HindsightTrainer(PPOTrainerSync):
+    def __init__(self, config):
+        from verl_hindsight.hindsight.stage import HindsightSettings
+
+        # validated before any worker starts: a wrong config fails in seconds, not after model loading
+        self.hs = HindsightSettings.from_config(config)
+        self.serl = None
+        if str(config.algorithm.adv_estimator) == "serl":
+            from verl_hindsight.algo.serl import SERLConfig
+
+            self.serl = SERLConfig.from_algorithm_config(config.algorithm)
+        self._hs_num_targets = 0
+        self._hs_num_rows = 0
+        super().__init__(config)
+
+    # ------------------------------------------------------------------ construction
     def _build_replay_buffer(self):
         # verl branches on `trainer_mode == "sync"` in several places; this trainer is sync in all of them.
         self.trainer_mode = "sync"
         self.parameter_sync_step = self.config.trainer.v1.get("sync", {}).get("parameter_sync_step", 1)
         replay_buffer = super()._build_replay_buffer()
-        hindsight = self.config.get("hindsight", None) or {}
-        replay_buffer.poll_interval = float(hindsight.get("replay_poll_interval_s", DEFAULT_POLL_INTERVAL_S))
+        replay_buffer.poll_interval = float(self.hs.replay_poll_interval_s)
         return replay_buffer
 
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if not self.hs.enable:
+            return
+        import ray
+        from verl.trainer.ppo.utils import Role
+
+        from verl_hindsight.trainer.teacher_worker import HindsightActorRolloutRefWorker
+
+        if Role.Actor in self.role_worker_mapping:
+            raise ValueError("the hindsight stage needs verl's hybrid actor/rollout worker (it scores teachers and "
+                             "installs the distillation loss there); standalone rollout replicas are not supported")
+        lora = self.config.actor_rollout_ref.model.get("lora", {}).get("rank", 0) or \
+            self.config.actor_rollout_ref.model.get("lora_rank", 0)
+        if lora and self.hs.teacher.kind in ("ema", "lagged"):
+            raise ValueError(f"hindsight.teacher.kind={self.hs.teacher.kind} is not supported with LoRA (the "
+                             "reference model is the adapter-free base); use kind=frozen or kind=live")
+        # frozen/ema/lagged teachers are the worker's reference model: make sure the worker builds one
+        role = Role.ActorRolloutRef if Role.ActorRolloutRef in self.role_worker_mapping else Role.ActorRollout
+        if self.hs.teacher.uses_reference_model and not lora and role == Role.ActorRollout:
+            del self.role_worker_mapping[Role.ActorRollout]
+            self.mapping[Role.ActorRolloutRef] = self.mapping.pop(Role.ActorRollout)
+            role = Role.ActorRolloutRef
+        self.role_worker_mapping[role] = ray.remote(HindsightActorRolloutRefWorker)
+
+    def on_init_end(self):
+        super().on_init_end()
+        if self.hs.distill.enabled:
+            self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
+
+    # ------------------------------------------------------------------ step
     def _compute_old_log_prob(self, batch, metrics: dict):
         batch = super()._compute_old_log_prob(batch, metrics)
         metrics.update(self._rollout_record_metrics(batch))
+        if self.hs.enable:
+            import time
+
+            start = time.perf_counter()
+            metrics.update(self._hindsight_stage(batch))
+            metrics["timing_s/hindsight_stage"] = time.perf_counter() - start
         return batch
 
+    @property
+    def updates_done(self) -> int:
+        """Policy updates completed before this step (verl's global_steps starts at 1): SERL's ``k``."""
+        return max(0, self.global_steps - 1)
+
+    def _stage_active(self) -> bool:
+        """Whether anything consumes teacher log-probs this step (SERL's lambda or the distillation coef > 0)."""
+        serl_on = self.serl is not None and self.serl.mixing(self.updates_done) > 0
+        return serl_on or self.hs.distill.coef_at(self.updates_done) > 0
+
+    def _teacher_scorer(self):
+        from verl_hindsight.trainer.teacher_pass import worker_scorer
+
+        arr = self.config.actor_rollout_ref
+        temperature = arr.rollout.temperature
+        dp = self.actor_rollout_wg.world_size
+        on_ref = self.hs.teacher.uses_reference_model and not self.ref_in_actor
+        block = arr.ref if on_ref else arr.rollout
+        micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
+        if on_ref:
+            return worker_scorer(self.actor_rollout_wg.compute_ref_log_prob, temperature=temperature, dp_size=dp,
+                                 micro_batch_size=micro)
+        extra = {"no_lora_adapter": True} if self.hs.teacher.uses_reference_model else None  # LoRA: base = ref
+        return worker_scorer(self.actor_rollout_wg.compute_log_prob, temperature=temperature, dp_size=dp,
+                             micro_batch_size=micro, extra_meta=extra)
+
+    def _renderer(self):
+        if getattr(self, "_hs_renderer", None) is None:
+            from verl.utils import hf_tokenizer
+
+            from verl_hindsight.hindsight.teacher_sequences import FeedbackRenderer
+
+            tokenizer = hf_tokenizer(self.config.actor_rollout_ref.model.path,
+                                     trust_remote_code=self.config.data.get("trust_remote_code", False))
+            self._hs_renderer = FeedbackRenderer(tokenizer, self.hs.teacher.feedback_template)
+        return self._hs_renderer
+
+    def _hindsight_stage(self, batch) -> dict[str, float]:
+        import torch
+        import transfer_queue as tq
+        from tensordict import TensorDict
+
+        from verl_hindsight.agent_loops.hindsight_answers import answer_metrics
+        from verl_hindsight.hindsight.stage import Row, run_stage
+
+        fields = ["prompts", "responses", "response_mask", "action_mask", "old_log_probs", "extra_fields", "uid"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        extra = data.pop("extra_fields")
+        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
+        uids = data.pop("uid")
+        uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+        is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+        rows = [
+            Row(uid=str(uid), prompt_ids=p.tolist(), response_ids=r.tolist(), action_mask=a.tolist(),
+                extra_fields=e if isinstance(e, dict) else {}, old_log_probs=o.float().tolist(), is_padding=pad)
+            for uid, p, r, a, o, e, pad in zip(uids, _rows(data["prompts"]), _rows(data["responses"]),
+                                               _rows(data["action_mask"]), _rows(data["old_log_probs"]), extra,
+                                               is_padding)
+        ]
+        metrics = answer_metrics([e for e, pad in zip(extra, is_padding) if not pad])
+        teacher = self.hs.teacher
+        if teacher.max_length is None:
+            rollout = self.config.actor_rollout_ref.rollout
+            teacher = dataclasses.replace(teacher, max_length=int(rollout.prompt_length + rollout.response_length))
+        if self._stage_active():
+            result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
+                               teacher_config=teacher, renderer=self._renderer(), scorer=self._teacher_scorer())
+            teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
+            metrics.update(result.metrics)
+            metrics["hindsight/stage_active"] = 1.0
+        else:
+            # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into GRPO")
+            teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
+            mask_rows = [[0] * len(r.response_ids) for r in rows]
+            metrics["hindsight/stage_active"] = 0.0
+        if teacher.log_probe:
+            probe = list(range(3, 35))
+            metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+        self._hs_num_targets = int(sum(map(sum, mask_rows)))
+        self._hs_num_rows = len(rows)
+        out = TensorDict({"teacher_log_probs": _nested(teacher_rows, torch.float32),
+                          "hindsight_mask": _nested(mask_rows, torch.int64)}, batch_size=len(rows))
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        return metrics
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.serl is None:
+            return super()._compute_advantage(batch, metrics)
+        import torch
+        import transfer_queue as tq
+        from tensordict import TensorDict
+        from verl.workers.utils.padding import response_to_nested
+
+        from verl_hindsight.algo.serl import serl_reweight
+
+        # verl's GRPO path, unchanged (multi-row session broadcast, rollout correction), then SERL on top
+        with _estimator_as(self.config, "grpo"):
+            batch = super()._compute_advantage(batch, metrics)
+        fields = ["advantages", "teacher_log_probs", "old_log_probs", "hindsight_mask", "response_mask"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]
+        dense = data.to_padded_tensor()
+        mask = dense["hindsight_mask"].bool() & dense["response_mask"].bool()
+        mixing = self.serl.mixing(self.updates_done)
+        advantages, serl_metrics = serl_reweight(dense["advantages"], dense["teacher_log_probs"],
+                                                 dense["old_log_probs"], mask, mixing, self.serl.weight_clip)
+        changed = (advantages != dense["advantages"]) & dense["response_mask"].bool()
+        serl_metrics["serl/changed_tokens_outside_hindsight_mask"] = float((changed & ~mask).sum())
+        serl_metrics["serl/changed_tokens"] = float(changed.sum())
+        metrics.update(serl_metrics)
+        nested = response_to_nested(advantages, response_mask)
+        out = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+
+    def _update_actor(self, batch, metrics: dict):
+        if self.hs.enable:
+            batch.extra_info.update({"hs_global_step": self.updates_done, "hs_num_targets": self._hs_num_targets,
+                                     "hs_num_rows": self._hs_num_rows})
+        batch = super()._update_actor(batch, metrics)
+        if self.hs.enable:
+            metrics.update(self._update_teacher())
+        return batch
+
+    # ------------------------------------------------------------------ teacher weights
+    def _update_teacher(self) -> dict[str, float]:
+        kind = self.hs.teacher.kind
+        if kind == "ema":
+            mix = 1.0 - self.hs.teacher.ema_decay
+        elif kind == "lagged" and self.global_steps % self.hs.teacher.sync_interval == 0:
+            mix = 1.0
+        else:
+            return {}
+        change = self.actor_rollout_wg.hs_update_teacher(mix)
+        return {"hindsight/teacher_update_mean_abs": float(sum(change) / len(change))}
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        if self.hs.enable and self.hs.teacher.kind in ("ema", "lagged"):
+            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}",
+                                  TEACHER_DIR)
+            self.actor_rollout_wg.hs_save_teacher(os.path.abspath(folder))
+            with open(os.path.join(folder, "teacher_state.json"), "w") as f:
+                json.dump({"kind": self.hs.teacher.kind, "global_steps": self.global_steps,
+                           "ema_decay": self.hs.teacher.ema_decay, "sync_interval": self.hs.teacher.sync_interval}, f)
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if not (self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")) or self.global_steps == 0:
+            return
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}", TEACHER_DIR)
+        if self.config.trainer.resume_mode == "resume_path":
+            folder = os.path.join(self.config.trainer.resume_from_path, TEACHER_DIR)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"resuming a {self.hs.teacher.kind} teacher but {folder} is missing: the "
+                                    "checkpoint was not written by the hindsight trainer with this teacher kind")
+        with open(os.path.join(folder, "teacher_state.json")) as f:
+            state = json.load(f)
+        if state.get("kind") != self.hs.teacher.kind:
+            raise ValueError(f"checkpoint teacher kind {state.get('kind')!r} != hindsight.teacher.kind "
+                             f"{self.hs.teacher.kind!r}")
+        self.actor_rollout_wg.hs_load_teacher(os.path.abspath(folder))
+        logger.info("hindsight: restored the %s teacher from %s", self.hs.teacher.kind, folder)
+
+    # ------------------------------------------------------------------ accounting
     def _rollout_record_metrics(self, batch) -> dict[str, Any]:
         import transfer_queue as tq
 
@@ -104,6 +360,9 @@ class HindsightTrainer(PPOTrainerSync):
                 logger.warning("hindsight trainer: the batch has no action_mask (%s); use a verl-hindsight agent "
                                "loop (agent_name=hindsight_text_env) to record action spans", exc)
                 self._warned_no_action_mask = True
+            if self.hs.enable:
+                raise RuntimeError("hindsight.enable=true needs action spans: use a verl-hindsight agent loop "
+                                   "(hindsight_text_env / hindsight_tool_env)") from exc
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
             action_masks = None
         extra = data.pop("extra_fields")
@@ -117,5 +376,3 @@ class HindsightTrainer(PPOTrainerSync):
             raise RuntimeError("hindsight trainer: action_mask covers observation tokens (response_mask 0); the agent "
                                f"loop's spans are wrong. First offending row (key, action_mask, response_mask): {bad[0]}")
         return metrics
-
-

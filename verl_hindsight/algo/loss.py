@@ -1,0 +1,110 @@
+"""The actor loss with hindsight distillation: verl's PPO loss + coef(step) * D(student || sg(teacher)).
+
+Installed by the hindsight trainer through verl's ``set_loss_fn`` (no patching): the worker calls
+``loss_fn(model_output=..., data=micro_batch, dp_group=...)`` and the micro-batch carries every TransferQueue field
+of its rows, including the stage's ``teacher_log_probs`` and ``hindsight_mask``.
+
+Normalization: the divergence is a mean over *targeted* tokens, not over all response tokens, so its size does not
+shrink when a batch holds more untargeted tokens (HINT-SD's token-mean over selected spans). Each micro-batch
+contributes ``sum(D * mask) / N * dp_size`` (verl's convention: micro-batch losses are summed, data-parallel
+gradients averaged), where ``N`` is the number of targeted tokens of the training batch, counted by the trainer
+over all rows and ranks and passed as ``hs_num_targets``. With several PPO mini-batches per step, ``N`` is scaled
+by the mini-batch's share of the batch's rows (the exact count per mini-batch is only known inside verl's engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import no_padding_2_padding
+
+from verl_hindsight.algo.divergences import SAMPLED_DIVERGENCES, sampled_divergence
+
+DIVERGENCES = (*SAMPLED_DIVERGENCES, "topk_tail")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``hindsight.distill``: the distillation term of the actor loss."""
+
+    coef: float = 0.0  # 0 disables the term (SERL: reweighting only)
+    divergence: str = "k3"  # k1 | k3 | jsd (sampled-token estimators) | topk_tail (needs full logits)
+    jsd_beta: float = 0.5
+    policy_gradient: bool = True  # False: pure distillation, no PG term (HINT-SD's released code)
+    coef_decay_steps: Optional[int] = None  # linear decay of coef to 0 over this many steps; None = constant
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"hindsight.distill.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.divergence == "topk_tail":
+            raise ValueError(
+                "hindsight.distill.divergence=topk_tail needs the student's full logits inside the loss, which verl "
+                "0.9.1's actor loss interface does not expose (model_output has sampled-token log-probs only); "
+                "use k3 (HINT-SD's reverse KL on sampled tokens) or jsd. The top-k + tail math is available as "
+                "verl_hindsight.algo.divergences.topk_tail_reverse_kl for custom engines.")
+        if self.coef < 0:
+            raise ValueError(f"hindsight.distill.coef must be >= 0, got {self.coef!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"hindsight.distill.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
+        if self.coef_decay_steps is not None and self.coef_decay_steps < 1:
+            raise ValueError(f"hindsight.distill.coef_decay_steps must be >= 1 or null, got {self.coef_decay_steps}")
+        if not self.policy_gradient and self.coef == 0:
+            raise ValueError("hindsight.distill.policy_gradient=false with coef=0 trains nothing; set coef > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    def coef_at(self, global_step: int) -> float:
+        if self.coef_decay_steps is None:
+            return self.coef
+        return self.coef * max(0.0, 1.0 - float(global_step) / float(self.coef_decay_steps))
+
+
+def masked_target_mean(divergence: torch.Tensor, mask: torch.Tensor, num_targets: float, dp_size: int = 1,
+                       share: float = 1.0) -> torch.Tensor:
+    """This micro-batch's contribution to the global mean over targeted tokens (see module doc)."""
+    total = (divergence * mask.to(divergence.dtype)).sum()
+    if num_targets <= 0:
+        return total * 0.0  # keeps the graph connected; nothing targeted in this batch
+    return total / (float(num_targets) * share) * dp_size
+
+
+def hindsight_ppo_loss(config, model_output, data, dp_group=None, *, distill: DistillConfig):
+    """verl actor loss (``ppo_loss`` signature plus the bound ``distill`` config)."""
+    pg_loss, metrics = ppo_loss(config, model_output, data, dp_group)
+    loss = pg_loss if distill.policy_gradient else pg_loss * 0.0
+    if not distill.enabled:
+        return loss, metrics
+    if "teacher_log_probs" not in data.keys() or "hindsight_mask" not in data.keys():
+        raise RuntimeError("hindsight.distill.coef > 0 but the batch has no teacher_log_probs/hindsight_mask: the "
+                           "hindsight stage did not run; use trainer.v1.trainer_mode=hindsight with "
+                           "hindsight.enable=true")
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    fields = data.select("teacher_log_probs", "hindsight_mask", "response_mask").to_padded_tensor()
+    mask = fields["hindsight_mask"].bool() & fields["response_mask"].bool()
+    teacher = fields["teacher_log_probs"]
+    if teacher.shape != log_prob.shape:
+        raise RuntimeError(f"teacher_log_probs {tuple(teacher.shape)} and student log-probs {tuple(log_prob.shape)} "
+                           "are not aligned; the hindsight stage wrote a wrong layout")
+    divergence = sampled_divergence(distill.divergence, log_prob, teacher, distill.jsd_beta)
+
+    step = int(tu.get_non_tensor_data(data, "hs_global_step", 0) or 0)
+    num_targets = float(tu.get_non_tensor_data(data, "hs_num_targets", 0) or 0)
+    num_rows = float(tu.get_non_tensor_data(data, "hs_num_rows", 0) or 0)
+    mini_rows = tu.get_non_tensor_data(data, "global_batch_size", None)
+    share = min(1.0, float(mini_rows) / num_rows) if mini_rows and num_rows else 1.0
+    dp_size = int(tu.get_non_tensor_data(data, "dp_size", 1) or 1)
+    term = masked_target_mean(divergence, mask, num_targets, dp_size, share)
+    coef = distill.coef_at(step)
+    loss = loss + coef * term
+    metrics["hindsight/distill_loss"] = Metric(value=term.detach(), aggregation=AggregationType.SUM)
+    metrics["hindsight/distill_coef"] = coef
+    if not distill.policy_gradient:
+        metrics["hindsight/pg_loss_unused"] = Metric(value=pg_loss.detach(), aggregation=AggregationType.SUM)
+    return loss, metrics

@@ -1,0 +1,244 @@
+"""The hindsight stage of one training batch: feedback -> targets -> teacher sequences -> teacher log-probs.
+
+Input: the batch's rows (prompt/response ids, the agent loop's ``action_mask`` and records, the GRPO group
+``uid``, the student's ``old_log_probs``). Output: per row, ``teacher_log_probs`` aligned to the response and a
+``hindsight_mask`` that is 1 only on targeted action tokens, plus ``hindsight/*`` metrics. The teacher itself
+is a *scorer* (see :mod:`.teacher_sequences`): the trainer passes verl's actor or reference log-prob pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+from verl_hindsight.hindsight.records import Trajectory
+from verl_hindsight.hindsight.teacher_sequences import (
+    DEFAULT_FEEDBACK_TEMPLATE,
+    FeedbackRenderer,
+    TargetTurn,
+    map_back,
+    plan_teacher_sequences,
+)
+
+TEACHER_KINDS = ("frozen", "ema", "lagged", "live")
+#: teacher kinds whose weights live in the worker's reference model (scored by compute_ref_log_prob)
+REF_TEACHERS = ("frozen", "ema", "lagged")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``hindsight.teacher``: which model scores the teacher sequences, and how they are built."""
+
+    # frozen: the initial policy (verl's reference model); ema: reference weights <- lerp toward the policy after
+    # every update (HINT-SD: decay 0.999); lagged: reference <- policy every sync_interval updates (SERL: 10);
+    # live: the current policy (collapses in the toy study: it learns to ignore the feedback).
+    kind: str = "frozen"
+    mode: str = "isolated"  # "isolated" | "cumulative"
+    max_length: Optional[int] = None  # default: rollout prompt_length + response_length
+    overflow: str = "truncate_left"  # "truncate_left" | "skip"
+    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
+    ema_decay: float = 0.999
+    sync_interval: int = 10
+    # collapse flag: targeted-token |gap| below this while episode success stays below collapse_success
+    collapse_gap: float = 0.02
+    collapse_success: float = 0.5
+    log_probe: bool = False  # score a fixed probe sequence every step (hindsight/teacher_probe_logprob)
+
+    def __post_init__(self):
+        if self.kind not in TEACHER_KINDS:
+            raise ValueError(f"hindsight.teacher.kind must be one of {TEACHER_KINDS}, got {self.kind!r}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"hindsight.teacher.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.sync_interval < 1:
+            raise ValueError(f"hindsight.teacher.sync_interval must be >= 1, got {self.sync_interval!r}")
+        if "{feedback}" not in self.feedback_template:
+            raise ValueError("hindsight.teacher.feedback_template must contain '{feedback}'")
+
+    @property
+    def uses_reference_model(self) -> bool:
+        return self.kind in REF_TEACHERS
+
+
+@dataclass
+class Row:
+    uid: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    action_mask: list[int]
+    extra_fields: dict[str, Any]
+    old_log_probs: list[float]
+    is_padding: bool = False
+
+
+@dataclass
+class StageResult:
+    teacher_log_probs: list[list[float]]
+    hindsight_mask: list[list[int]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _dataclass_from(cls, block: Optional[dict]):
+    block = dict(block or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(block) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**block)
+
+
+@dataclass(frozen=True)
+class HindsightSettings:
+    """The ``hindsight`` config block as the trainer sees it (the agent loops read ``env`` and ``analyzer``)."""
+
+    enable: bool = False
+    feedback: Any = None  # FeedbackConfig
+    targets: Any = None  # TargetConfig
+    teacher: TeacherConfig = TeacherConfig()
+    distill: Any = None  # DistillConfig
+    analyzer_role: str = "none"
+    replay_poll_interval_s: float = 0.05
+
+    @classmethod
+    def from_config(cls, config) -> "HindsightSettings":
+        from verl_hindsight.agent_loops.hindsight_answers import AnswerSettings
+        from verl_hindsight.algo.loss import DistillConfig
+        from verl_hindsight.hindsight.feedback import FeedbackConfig
+        from verl_hindsight.hindsight.targets import TargetConfig
+
+        block = config.get("hindsight", None) if hasattr(config, "get") else None
+        block = dict(block) if block is not None else {}
+        known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s"}
+        unknown = set(block) - known
+        if unknown:
+            raise ValueError(f"hindsight: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+        def sub(name):
+            value = block.get(name)
+            return dict(value) if value is not None else {}
+
+        answers = AnswerSettings.from_config(config)
+        settings = cls(
+            enable=bool(block.get("enable", False)),
+            feedback=_dataclass_from(FeedbackConfig, sub("feedback")),
+            targets=_dataclass_from(TargetConfig, sub("targets")),
+            teacher=_dataclass_from(TeacherConfig, sub("teacher")),
+            distill=_dataclass_from(DistillConfig, sub("distill")),
+            analyzer_role=answers.role,
+            replay_poll_interval_s=float(block.get("replay_poll_interval_s", 0.05)),
+        )
+        settings.validate(config)
+        return settings
+
+    def validate(self, config) -> None:
+        """Configs that would silently do nothing, or something else than asked, fail here with the fix."""
+        algorithm = config.get("algorithm", {}) if hasattr(config, "get") else {}
+        estimator = str(algorithm.get("adv_estimator", "")) if algorithm is not None else ""
+        if estimator == "serl" and not self.enable:
+            raise ValueError("algorithm.adv_estimator=serl needs the hindsight stage: set hindsight.enable=true "
+                             "(and trainer.v1.trainer_mode=hindsight); see recipes/serl.yaml")
+        if self.distill.enabled and not self.enable:
+            raise ValueError("hindsight.distill.coef > 0 needs the hindsight stage: set hindsight.enable=true")
+        if self.enable and estimator != "serl" and not self.distill.enabled:
+            raise ValueError("hindsight.enable=true but nothing uses the teacher: set algorithm.adv_estimator=serl "
+                             "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
+        source = self.feedback.source.split("+")
+        if "analyzer" in source and self.analyzer_role != "analyzer":
+            raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")
+        if "reflection" in source and self.analyzer_role != "reflector":
+            raise ValueError("hindsight.feedback.source=reflection needs hindsight.analyzer.role=reflector")
+        if self.targets.uses_analyzer and self.analyzer_role != "analyzer":
+            raise ValueError(f"hindsight.targets.turns={self.targets.turns} needs hindsight.analyzer.role=analyzer")
+
+
+def analyzer_picks_of(trajectories: list[Trajectory]) -> dict[int, list[int]]:
+    """Turns the analyzer picked, per trajectory index (from the agent loop's ``hs_analysis``)."""
+    picks = {}
+    for i, traj in enumerate(trajectories):
+        steps = (traj.extra.get("hs_analysis") or {}).get("steps") or []
+        if steps:
+            picks[i] = [int(turn) for turn, _ in steps]
+    return picks
+
+
+def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config: TeacherConfig,
+              renderer: FeedbackRenderer, scorer: Callable[[list[list[int]]], list[list[float]]],
+              judge_fn=None, analyzer_picks=None) -> StageResult:
+    from verl_hindsight.hindsight.feedback import compute_feedback
+    from verl_hindsight.hindsight.targets import select_targets, target_metrics
+
+    live = [i for i, r in enumerate(rows) if not r.is_padding]
+    trajectories = [Trajectory.from_extra_fields(rows[i].uid, rows[i].extra_fields) for i in live]
+    feedback, metrics = compute_feedback(trajectories, feedback_config, judge_fn=judge_fn)
+    metrics = dict(metrics)
+    if analyzer_picks is None and target_config.uses_analyzer:
+        analyzer_picks = analyzer_picks_of(trajectories)
+    targets = select_targets(trajectories, feedback, target_config, analyzer_picks=analyzer_picks)
+    metrics.update(target_metrics(targets))
+
+    plans, student_tokens = {}, 0
+    skipped: dict[str, int] = {}
+    for local, turn_ids in targets.items():
+        row = rows[live[local]]
+        traj = trajectories[local]
+        by_turn = {t.turn: t for t in traj.turns}
+        picked = [TargetTurn(t, by_turn[t].response_span[0], by_turn[t].action_span[0], by_turn[t].action_span[1],
+                             feedback.get((local, t), "")) for t in turn_ids if by_turn[t].action_span]
+        if not picked:
+            continue
+        plan = plan_teacher_sequences(row.prompt_ids, row.response_ids, picked, renderer, mode=teacher_config.mode,
+                                      max_length=teacher_config.max_length, overflow=teacher_config.overflow)
+        for _, reason in plan.skipped:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        plans[live[local]] = plan
+        student_tokens += len(row.prompt_ids) + len(row.response_ids)
+
+    sequences = [s.token_ids for p in plans.values() for s in p.sequences]
+    start = time.perf_counter()
+    scores = scorer(sequences) if sequences else []
+    teacher_time = time.perf_counter() - start
+
+    teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
+    mask_rows = [[0] * len(r.response_ids) for r in rows]
+    gaps: list[float] = []
+    cursor = 0
+    for index, plan in plans.items():
+        row = rows[index]
+        n = len(plan.sequences)
+        teacher, mask = map_back(plan, scores[cursor:cursor + n], len(row.response_ids), row.action_mask)
+        cursor += n
+        teacher_rows[index], mask_rows[index] = teacher, mask
+        gaps += [teacher[i] - row.old_log_probs[i] for i, m in enumerate(mask) if m]
+
+    targeted_tokens = sum(map(sum, mask_rows))
+    action_tokens = sum(sum(r.action_mask) for r in rows if not r.is_padding)
+    forwarded = sum(len(s) for s in sequences)
+    metrics.update({
+        "hindsight/targeted_trajectories": float(len(plans)),
+        "hindsight/targeted_turns": float(sum(len(p.sequences[0].turns) if teacher_config.mode == "cumulative"
+                                              else len(p.sequences) for p in plans.values() if p.sequences)),
+        "hindsight/targeted_tokens": float(targeted_tokens),
+        "hindsight/targeted_token_frac_of_actions": targeted_tokens / max(action_tokens, 1),
+        "hindsight/teacher_tokens_forwarded": float(forwarded),
+        "hindsight/teacher_to_student_tokens": forwarded / max(student_tokens, 1),
+        "timing_s/hindsight_teacher": teacher_time,
+    })
+    for reason, count in skipped.items():
+        metrics[f"hindsight/teacher_skipped/{reason}"] = float(count)
+    if gaps:
+        # Teacher-student gap on targeted tokens. Falling toward 0 while success stays low is the collapse the
+        # toy study saw with a live teacher.
+        ordered = sorted(gaps)
+        metrics.update({
+            "hindsight/gap_mean": statistics.fmean(gaps),
+            "hindsight/gap_abs_mean": statistics.fmean(abs(g) for g in gaps),
+            "hindsight/gap_p10": ordered[int(0.1 * (len(ordered) - 1))],
+            "hindsight/gap_p50": ordered[int(0.5 * (len(ordered) - 1))],
+            "hindsight/gap_p90": ordered[int(0.9 * (len(ordered) - 1))],
+        })
+        successes = [t.success for t in trajectories if not t.failure]
+        success = sum(successes) / len(successes) if successes else 0.0
+        metrics["hindsight/teacher_collapse"] = float(
+            metrics["hindsight/gap_abs_mean"] < teacher_config.collapse_gap and success < teacher_config.collapse_success)
+    return StageResult(teacher_rows, mask_rows, metrics)

@@ -1,0 +1,106 @@
+"""verl's hybrid actor/rollout/ref worker plus the self-teacher's weight updates and their checkpoint.
+
+The teacher of the ``frozen``, ``ema`` and ``lagged`` kinds is the worker's *reference* model: verl already builds
+it (same architecture and sharding as the actor, forward-only, optionally CPU-offloaded) and scores with it through
+``compute_ref_log_prob``. This subclass adds what verl has no method for:
+
+- ``hs_update_teacher(mix)``: reference <- (1 - mix) * reference + mix * actor, shard by shard on every rank
+  (``mix = 1`` copies: the lagged teacher's sync; ``mix = 1 - decay``: one EMA step);
+- ``hs_save_teacher(dir)`` / ``hs_load_teacher(dir)``: the reference weights of this rank, so an EMA or lagged
+  teacher survives a resume (verl saves only the actor);
+- ``hs_teacher_checksum()``: a cheap fingerprint of the teacher weights, for tests and logs;
+- ``hs_install_distill_loss(distill)``: wraps the actor loss verl built (``ppo_loss`` bound to the worker's own
+  ``ActorConfig``) with the hindsight distillation term.
+
+Selected by the hindsight trainer in place of ``ActorRolloutRefWorker`` (``_init_resource_pool_mgr``), the way verl
+itself picks worker classes; nothing in verl is patched.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds (FSDP2 parameters are DTensors)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
+    def _teacher_pairs(self):
+        if self.actor is None or self.ref is None:
+            raise RuntimeError("the hindsight teacher needs both the actor and the reference model in this worker "
+                               f"(role {self.role!r}); use a hybrid actor_rollout_ref worker")
+        actor = dict(self.actor.engine.module.named_parameters())
+        ref = dict(self.ref.engine.module.named_parameters())
+        if actor.keys() != ref.keys():
+            missing = sorted(set(actor) ^ set(ref))[:5]
+            raise RuntimeError(f"actor and reference models differ in parameters (e.g. {missing}); the EMA/lagged "
+                               "teacher needs the same architecture and wrapping for both")
+        return [(name, actor[name], ref[name]) for name in sorted(actor)]
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_install_distill_loss(self, distill) -> None:
+        """Wrap the actor's PPO loss with the hindsight distillation term, keeping verl's own ActorConfig."""
+        from verl.workers.utils.losses import ppo_loss
+
+        from verl_hindsight.algo.loss import hindsight_ppo_loss
+
+        base = self.loss_fn
+        if getattr(base, "func", None) is not ppo_loss:
+            raise RuntimeError("hindsight.distill cannot be combined with verl's own distillation loss "
+                               "(distillation.enabled); turn one of them off")
+        self.loss_fn = partial(hindsight_ppo_loss, config=base.keywords["config"], distill=distill)
+        self.actor.set_loss_fn(self.loss_fn)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_update_teacher(self, mix: float) -> float:
+        """ref <- ref + mix * (actor - ref); returns the mean absolute change (fp32) on this rank."""
+        if not 0.0 < mix <= 1.0:
+            raise ValueError(f"teacher update mix must be in (0, 1], got {mix}")
+        change, count = 0.0, 0
+        with torch.no_grad():
+            for _, a, r in self._teacher_pairs():
+                a_local, r_local = _local(a.data), _local(r.data)
+                src = a_local.to(device=r_local.device, dtype=torch.float32)
+                dst = r_local.float()
+                delta = (src - dst) * mix
+                change += float(delta.abs().sum())
+                count += delta.numel()
+                r_local.copy_((dst + delta).to(r_local.dtype))
+        return change / max(count, 1)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_save_teacher(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        state = {name: _local(r.data).detach().cpu().clone() for name, _, r in self._teacher_pairs()}
+        path = os.path.join(directory, f"teacher_rank{self.rank}.pt")
+        torch.save(state, path)
+        return path
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_load_teacher(self, directory: str) -> int:
+        path = os.path.join(directory, f"teacher_rank{self.rank}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was saved with a different number of ranks "
+                                    "or without the hindsight teacher")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = 0
+        with torch.no_grad():
+            for name, _, r in self._teacher_pairs():
+                if name not in state:
+                    raise KeyError(f"{path} has no teacher parameter {name!r}")
+                r_local = _local(r.data)
+                r_local.copy_(state[name].to(device=r_local.device, dtype=r_local.dtype))
+                loaded += 1
+        return loaded
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_teacher_checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(_local(r.data).double().sum() for _, _, r in self._teacher_pairs()))
