@@ -1,38 +1,21 @@
 """Stock main_ppo + GRPO + the toy environment through the plugin's multi-turn agent loops, on CPU."""
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from verl_hindsight.cli import main_ppo_command
 from verl_hindsight.envs.data import write_env_dataset
+
+from conftest_e2e import run_recipe  # noqa: E402  (tests/e2e is on sys.path via conftest.py)
 
 pytestmark = pytest.mark.e2e
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def format_model(tiny_model_dir, tmp_path_factory):
-    sys.path.insert(0, str(TESTS_DIR))
-    from format_sft import format_sft
-
-    return format_sft(tiny_model_dir, tmp_path_factory.mktemp("format_model"))
-
-
 def run_main_ppo(tmp_path, overrides, extra_env=None):
-    metrics = tmp_path / "metrics.jsonl"
-    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
-    env.update(VERL_FILE_LOGGER_PATH=str(metrics), **(extra_env or {}))
-    proc = subprocess.run(main_ppo_command("cpu/toy_grpo", overrides), cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    (tmp_path / "verl.log").write_text(log)
-    assert proc.returncode == 0, log[-6000:]
-    return [json.loads(line)["data"] for line in metrics.read_text().splitlines() if line.strip()]
+    return run_recipe("cpu/toy_grpo", tmp_path, overrides, extra_env)
 
 
 def test_text_env_loop_records_spans_for_every_row(format_model, tmp_path):

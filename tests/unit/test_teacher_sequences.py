@@ -163,3 +163,53 @@ async def test_rollout_server_scoring_matches_transformers(env, tiny_model_dir):
     direct = scorer(seqs)
     for a, b in zip(via_server, direct):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def _record(k, start, a, b, end, error):
+    return {"turn": k, "response_span": [start, end], "action_span": [a, b], "action": "A", "observation": f"o{k}",
+            "anchor": f"o{k}", "feedback": error or f"next {k}", "error": error, "next_observation": f"next {k}",
+            "reward": 0.0, "done": False, "invalid_action": False}
+
+
+@pytest.mark.parametrize("mode", ["isolated", "cumulative"])
+def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(env, mode):
+    """The whole stage on a batch (feedback source -> targets -> splice -> scorer -> per-row tensors) equals the
+    independent assembly, row by row; untargeted rows, turns without feedback and padding rows stay 0."""
+    from verl_hindsight.hindsight.feedback import FeedbackConfig
+    from verl_hindsight.hindsight.stage import Row, TeacherConfig, run_stage
+    from verl_hindsight.hindsight.targets import TargetConfig
+
+    model, tok, renderer, scorer = env
+    rng = random.Random(11)
+    rows, expected = [], []
+    for r in range(4):
+        prompt, response, turns = random_trajectory(tok, rng, n_turns=3)
+        ends = [t[1] for t in turns[1:]] + [len(response)]
+        errors = {k: (f"wrong key {r}{k}" if rng.random() < 0.6 else None) for k, *_ in turns}
+        records = [_record(k, s, a, b, e, errors[k]) for (k, s, a, b), e in zip(turns, ends)]
+        success = r == 3  # a successful rollout: never targeted with trajectories=failed
+        extra = {"hs_turns": records, "hs_env": {"success": success, "return": float(success)}}
+        action_mask = [0] * len(response)
+        for _, _, a, b in turns:
+            action_mask[a:b] = [1] * (b - a)
+        old = [rng.uniform(-5, 0) for _ in response]
+        rows.append(Row(uid="g", prompt_ids=prompt, response_ids=response, action_mask=action_mask,
+                        extra_fields=extra, old_log_probs=old))
+        chosen = [t for t in turns if errors[t[0]]] if not success else []
+        expected.append(reference_teacher(tok, model, prompt, response, [(t, errors[t[0]]) for t in chosen],
+                                          mode == "cumulative") if chosen else {})
+    rows.append(Row(uid="g", prompt_ids=rows[0].prompt_ids, response_ids=[5], action_mask=[0], extra_fields=rows[0]
+                    .extra_fields, old_log_probs=[0.0], is_padding=True))
+    result = run_stage(rows, feedback_config=FeedbackConfig(source="error"),
+                       target_config=TargetConfig(turns="with_feedback", trajectories="failed"),
+                       teacher_config=TeacherConfig(mode=mode), renderer=renderer, scorer=scorer)
+    for row, teacher, mask, ref in zip(rows, result.teacher_log_probs, result.hindsight_mask, expected):
+        assert {i for i, m in enumerate(mask) if m} == set(ref)
+        for i in range(len(row.response_ids)):
+            assert teacher[i] == (pytest.approx(ref[i], abs=1e-5) if i in ref else 0.0)
+    assert result.teacher_log_probs[-1] == [0.0] and result.hindsight_mask[-1] == [0]  # padding row
+    m = result.metrics
+    assert m["hindsight/targeted_tokens"] == sum(len(r) for r in expected)
+    gaps = [result.teacher_log_probs[k][i] - rows[k].old_log_probs[i] for k, ref in enumerate(expected) for i in ref]
+    assert m["hindsight/gap_mean"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
+    assert m["hindsight/teacher_to_student_tokens"] > 0 and "hindsight/teacher_collapse" in m

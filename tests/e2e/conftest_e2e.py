@@ -1,0 +1,22 @@
+"""Running a recipe through stock ``python -m verl.trainer.main_ppo`` and reading its per-step metrics."""
+
+import json
+import os
+import subprocess
+
+from verl_hindsight.cli import main_ppo_command
+
+
+def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env.update(VERL_FILE_LOGGER_PATH=str(metrics), **(extra_env or {}))
+    proc = subprocess.run(main_ppo_command(recipe, overrides), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    (tmp_path / "verl.log").write_text(log)
+    if not expect_ok:
+        return proc.returncode, log
+    assert proc.returncode == 0, log[-6000:]
+    return [json.loads(line)["data"] for line in metrics.read_text().splitlines() if line.strip()]

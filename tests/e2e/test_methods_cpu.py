@@ -1,0 +1,100 @@
+"""SERL, HINT-SD and HERO through stock ``main_ppo`` on CPU (toy environment, tiny format-warm-started model)."""
+
+import math
+
+import pytest
+
+from verl_hindsight.envs.data import write_env_dataset
+
+from conftest_e2e import run_recipe
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_env_dataset("toy", tmp_path_factory.mktemp("toy_data"), max_train=16, max_val=4)
+
+
+def _base(format_model, data, tmp_path, steps=2):
+    train, val = data
+    return [f"actor_rollout_ref.model.path={format_model}", f"data.train_files={train}", f"data.val_files={val}",
+            f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+
+
+def _finite(rows, prefix):
+    keys = {k for m in rows for k in m if k.startswith(prefix)}
+    assert keys, f"no {prefix}* metrics"
+    for m in rows:
+        for k in keys & set(m):
+            assert math.isfinite(float(m[k])), (k, m[k])
+    return keys
+
+
+def test_serl_reweights_only_hindsight_tokens(format_model, data, tmp_path):
+    rows = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path))
+    assert len(rows) == 2
+    _finite(rows, "hindsight/")
+    _finite(rows, "serl/")
+    for m in rows:
+        assert m["hindsight/stage_active"] == 1.0
+        assert m["hindsight/targeted_tokens"] > 0
+        assert m["serl/changed_tokens_outside_hindsight_mask"] == 0.0  # advantages differ from GRPO only there
+        assert m["serl/changed_tokens"] <= m["serl/hindsight_tokens"]
+        assert 0.8 - 1e-6 <= m["serl/weight_mean"] <= 1.2 + 1e-6
+    assert rows[0]["serl/lambda"] == 0.5 and rows[1]["serl/lambda"] == pytest.approx(0.49)
+    assert any(m["serl/changed_tokens"] > 0 for m in rows)
+
+
+def test_hint_sd_distils_the_failing_steps(format_model, data, tmp_path):
+    rows = run_recipe("cpu/toy_hint_sd", tmp_path, _base(format_model, data, tmp_path))
+    _finite(rows, "hindsight/")
+    _finite(rows, "actor/hindsight/")
+    for m in rows:
+        assert m["actor/hindsight/distill_coef"] == 1.0
+        assert m["hindsight/targeted_tokens"] > 0
+        assert m["actor/hindsight/distill_loss"] >= 0.0  # k3 is non-negative
+    assert any(m["actor/hindsight/distill_loss"] > 0 for m in rows)
+
+
+def test_hint_sd_with_the_policy_as_analyzer_counts_parse_failures(format_model, data, tmp_path):
+    overrides = _base(format_model, data, tmp_path, steps=1) + [
+        "hindsight.analyzer.role=analyzer", "+hindsight.analyzer.max_tokens=48", "hindsight.feedback.source=analyzer",
+        "hindsight.targets.turns=analyzer_topk"]
+    (m,) = run_recipe("cpu/toy_hint_sd", tmp_path, overrides)
+    failed = 16 - m["hindsight/env_success"] * 16
+    assert m["hindsight/analyzer_calls"] == failed  # one call per failed episode
+    assert m["hindsight/analyzer_parse_failures"] + (m["hindsight/analyzer_calls"] - m[
+        "hindsight/analyzer_parse_failures"]) == m["hindsight/analyzer_calls"]
+    _finite([m], "hindsight/")
+
+
+def test_hero_reflects_through_the_rollout_server(format_model, data, tmp_path):
+    rows = run_recipe("cpu/toy_hero", tmp_path, _base(format_model, data, tmp_path))
+    _finite(rows, "hindsight/")
+    for m in rows:
+        assert m["hindsight/reflector_calls"] == 16  # HERO reflects on every episode
+        assert m["hindsight/reflector_parse_failures"] <= 16
+
+
+def test_serl_config_without_the_stage_fails_fast_with_the_fix(format_model, data, tmp_path):
+    rc, log = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path) + ["hindsight.enable=false"],
+                         expect_ok=False)
+    assert rc != 0 and "hindsight.enable=true" in log
+
+
+def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model, data, tmp_path):
+    teacher = ["hindsight.teacher.kind=ema", "+hindsight.teacher.ema_decay=0.5", "hindsight.teacher.log_probe=true",
+               "trainer.save_freq=1"]
+    full_dir = tmp_path / "full"
+    full_dir.mkdir()
+    full = run_recipe("cpu/toy_hint_sd", full_dir, _base(format_model, data, full_dir) + teacher)
+    assert full[0]["hindsight/teacher_probe_logprob"] != full[1]["hindsight/teacher_probe_logprob"]  # it moved
+    assert (full_dir / "ckpt" / "global_step_1" / "hindsight_teacher" / "teacher_state.json").exists()
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    resumed = run_recipe("cpu/toy_hint_sd", resumed_dir, _base(format_model, data, resumed_dir) + teacher + [
+        "trainer.resume_mode=resume_path", f"trainer.resume_from_path={full_dir / 'ckpt' / 'global_step_1'}"])
+    assert len(resumed) == 1  # only step 2 ran
+    assert resumed[0]["hindsight/teacher_probe_logprob"] == pytest.approx(
+        full[1]["hindsight/teacher_probe_logprob"], abs=1e-5)

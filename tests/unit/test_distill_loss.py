@@ -1,0 +1,174 @@
+"""Divergences against full-distribution computations, and the verl loss wrapper's masking and normalization."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import ActorConfig
+
+from verl_hindsight.algo.divergences import jsd, k1, k3, topk_tail_reverse_kl
+from verl_hindsight.algo.loss import DistillConfig, hindsight_ppo_loss
+
+V = 7
+
+
+def _dists(seed):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.log_softmax(torch.randn(5, V, generator=gen, dtype=torch.float64) * 2, -1)
+    t = torch.log_softmax(torch.randn(5, V, generator=gen, dtype=torch.float64) * 2, -1)
+    return s, t
+
+
+def _expect_under_student(fn, s, t):
+    """E_{x ~ S}[fn(s(x), t(x))] computed exactly by enumerating the vocabulary."""
+    return (s.exp() * fn(s, t).double()).sum(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_estimators_have_the_named_divergence_as_expectation(seed):
+    s, t = _dists(seed)
+    reverse_kl = (s.exp() * (s - t)).sum(-1)
+    assert torch.allclose(_expect_under_student(k1, s, t), reverse_kl, atol=1e-5)
+    assert torch.allclose(_expect_under_student(k3, s, t), reverse_kl, atol=1e-5)
+    for beta in (0.5, 0.1, 0.9):
+        m = torch.log(beta * s.exp() + (1 - beta) * t.exp())
+        exact = beta * (s.exp() * (s - m)).sum(-1) + (1 - beta) * (t.exp() * (t - m)).sum(-1)
+        got = _expect_under_student(lambda a, b: jsd(a, b, beta), s, t)
+        assert torch.allclose(got, exact, atol=1e-5), beta
+
+
+def test_topk_tail_reverse_kl_matches_the_bucketed_distributions():
+    s, t = _dists(3)
+    k = 3
+    top = s.topk(k, dim=-1).indices
+    s_top, t_top = s.gather(-1, top), t.gather(-1, top)
+    s_buckets = torch.cat([s_top.exp(), 1 - s_top.exp().sum(-1, keepdim=True)], -1)
+    t_buckets = torch.cat([t_top.exp(), 1 - t_top.exp().sum(-1, keepdim=True)], -1)
+    exact = (s_buckets * (s_buckets.log() - t_buckets.log())).sum(-1)
+    assert torch.allclose(topk_tail_reverse_kl(s_top, t_top).double(), exact, atol=1e-5)
+    # k = vocabulary: the full reverse KL
+    assert torch.allclose(topk_tail_reverse_kl(s, t).double(), (s.exp() * (s - t)).sum(-1), atol=1e-4)
+
+
+def test_k3_in_bf16_inputs_is_computed_in_fp32_and_does_not_cancel():
+    s = torch.tensor([-1.0000, -2.0], dtype=torch.bfloat16)
+    t = s + torch.tensor([0.0078125, 0.015625], dtype=torch.bfloat16)  # small gaps
+    # computed in bf16, exp(d) - d - 1 rounds to exactly 0 for such gaps
+    d = (t - s)
+    assert (torch.exp(d) - d - 1).abs().max().item() == 0.0
+    out = k3(s, t)
+    assert out.dtype == torch.float32 and (out > 0).all()
+
+
+def test_teacher_gets_no_gradient():
+    s = torch.randn(6, requires_grad=True)
+    t = torch.randn(6, requires_grad=True)
+    for fn in (k1, k3, lambda a, b: jsd(a, b, 0.3)):
+        fn(s, t).sum().backward()
+        assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+        s.grad = None
+
+
+# ------------------------------------------------------------------------------ the verl loss wrapper
+
+
+def _micro_batch(rows, num_targets, num_rows):
+    """rows: list of (prompt_len, student_lp[resp], teacher_lp[resp], hindsight_mask[resp])."""
+    nested = lambda xs, dt: torch.nested.as_nested_tensor([torch.tensor(x, dtype=dt) for x in xs],
+                                                          layout=torch.jagged)
+    prompts = [[1] * p for p, *_ in rows]
+    responses = [[2] * len(lp) for _, lp, _, _ in rows]
+    data = TensorDict({
+        "prompts": nested(prompts, torch.int64),
+        "responses": nested(responses, torch.int64),
+        "response_mask": nested([[1] * len(r) for r in responses], torch.int64),
+        "old_log_probs": nested([lp for _, lp, _, _ in rows], torch.float32),
+        "advantages": nested([[0.0] * len(lp) for _, lp, _, _ in rows], torch.float32),
+        "teacher_log_probs": nested([t for _, _, t, _ in rows], torch.float32),
+        "hindsight_mask": nested([m for *_, m in rows], torch.int64),
+    }, batch_size=len(rows))
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=sum(len(r) for r in responses), global_batch_size=num_rows,
+                         hs_num_targets=num_targets, hs_num_rows=num_rows, hs_global_step=0)
+    # model output: log-probs over the full sequence, shifted by one (position i scores token i + 1)
+    full = []
+    leaves = []
+    for p, lp, _, _ in rows:
+        student = torch.tensor(lp, dtype=torch.float32, requires_grad=True)
+        leaves.append(student)
+        full.append(torch.cat([torch.zeros(p - 1), student, torch.zeros(1)]))
+    log_probs = torch.nested.as_nested_tensor(full, layout=torch.jagged)
+    return data, {"log_probs": log_probs}, leaves
+
+
+def _actor_config():
+    return ActorConfig(strategy="fsdp2", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4, rollout_n=1)
+
+
+ROWS = [
+    (3, [-1.0, -2.0, -0.5], [-0.5, -2.5, -0.7], [1, 0, 1]),
+    (2, [-0.1, -3.0], [-0.2, -1.0], [0, 1]),
+]
+
+
+def _direct(rows):
+    num, den = 0.0, 0
+    for _, lp, t, m in rows:
+        for a, b, keep in zip(lp, t, m):
+            if keep:
+                r = b - a
+                num += torch.exp(torch.tensor(r)).item() - r - 1
+                den += 1
+    return num / den
+
+
+def test_loss_is_the_targeted_token_mean_and_grad_only_on_targets():
+    distill = DistillConfig(coef=2.0, divergence="k3", policy_gradient=False)
+    data, out, leaves = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    loss, metrics = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+    assert loss.item() == pytest.approx(2.0 * _direct(ROWS), rel=1e-5)
+    assert metrics["hindsight/distill_loss"].aggregate() == pytest.approx(_direct(ROWS), rel=1e-5)
+    loss.backward()
+    for leaf, (_, _, _, m) in zip(leaves, ROWS):
+        for g, keep in zip(leaf.grad.tolist(), m):
+            assert (g != 0) == bool(keep)
+
+
+def test_value_does_not_shrink_with_untargeted_tokens():
+    distill = DistillConfig(coef=1.0, divergence="k3", policy_gradient=False)
+    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    base, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+    untargeted = ROWS + [(4, [-1.0] * 20, [-3.0] * 20, [0] * 20)]
+    data, out, _ = _micro_batch(untargeted, num_targets=3, num_rows=3)
+    tu.assign_non_tensor(data, global_batch_size=3)
+    more, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+    assert more.item() == pytest.approx(base.item(), rel=1e-6)
+
+
+def test_micro_batches_sum_to_the_full_batch_value():
+    distill = DistillConfig(coef=1.0, divergence="jsd", jsd_beta=0.3, policy_gradient=False)
+    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    full, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+    parts = 0.0
+    for row in ROWS:  # one row per micro-batch, the global count stays the batch's
+        data, out, _ = _micro_batch([row], num_targets=3, num_rows=2)
+        tu.assign_non_tensor(data, global_batch_size=2)
+        part, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+        parts += part.item()
+    assert parts == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_with_policy_gradient_the_pg_loss_is_kept():
+    distill = DistillConfig(coef=0.5, divergence="k1")
+    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    data["advantages"] = torch.nested.as_nested_tensor([torch.ones(3), -torch.ones(2)], layout=torch.jagged)
+    loss, metrics = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
+    pg = metrics["actor/pg_loss"].aggregate()
+    assert loss.item() == pytest.approx(pg + 0.5 * metrics["hindsight/distill_loss"].aggregate(), rel=1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="topk_tail"):
+        DistillConfig(coef=1.0, divergence="topk_tail")
+    with pytest.raises(ValueError, match="trains nothing"):
+        DistillConfig(coef=0.0, policy_gradient=False)
+    assert DistillConfig(coef=1.0, coef_decay_steps=10).coef_at(5) == pytest.approx(0.5)

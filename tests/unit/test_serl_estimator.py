@@ -1,0 +1,111 @@
+"""SERL estimator against hand-computed values (methods-reference A1, issue 6)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
+
+import verl_hindsight.algo.serl  # noqa: F401  (registers "serl")
+from verl_hindsight.algo.serl import SERLConfig, serl_reweight, serl_weights
+
+
+def _config(**serl):
+    return OmegaConf.create({"norm_adv_by_std_in_grpo": True, "serl": serl})
+
+
+def _batch():
+    # two groups of two rollouts: rewards (1, 0) -> A = +-1/std; (0.5, 0.5) -> zero-variance group -> A = 0
+    rewards = torch.zeros(4, 3)
+    rewards[0, -1], rewards[1, -1], rewards[2, -1], rewards[3, -1] = 1.0, 0.0, 0.5, 0.5
+    mask = torch.ones(4, 3)
+    index = np.array(["a", "a", "b", "b"], dtype=object)
+    return rewards, mask, index
+
+
+def test_registered_and_reweights_only_hindsight_tokens_by_hand():
+    rewards, mask, index = _batch()
+    old = torch.zeros(4, 3)
+    teacher = torch.tensor([[0.1, -0.1, 0.0], [0.1, -0.1, 0.0], [5.0, 5.0, 5.0], [0.0, 0.0, 0.0]])
+    hmask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    fn = get_adv_estimator_fn("serl")
+    adv, ret = fn(token_level_rewards=rewards, response_mask=mask, index=index, config=_config(),
+                  teacher_log_probs=teacher, old_log_probs=old, hindsight_mask=hmask, global_step=0)
+    grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index)
+    a = grpo[0, 0].item()  # (1 - 0.5) / std([1, 0]) with torch's unbiased std = 0.5 / 0.7071
+    assert a == pytest.approx(0.5 / math.sqrt(0.5), rel=1e-5)
+    l = 0.5  # step 0
+    # row 0, A > 0: d = +0.1 -> w = exp(0.1) = 1.10517 (inside the clip); d = -0.1 -> w = exp(-0.1) = 0.904837
+    assert adv[0, 0].item() == pytest.approx(a * ((1 - l) + l * math.exp(0.1)), rel=1e-5)
+    assert adv[0, 1].item() == pytest.approx(a * ((1 - l) + l * math.exp(-0.1)), rel=1e-5)
+    assert adv[0, 2].item() == pytest.approx(a, rel=1e-6)  # not a hindsight token
+    # row 1, A < 0: sign flips the gap: d = +0.1 -> w = exp(-0.1)
+    assert adv[1, 0].item() == pytest.approx(-a * ((1 - l) + l * math.exp(-0.1)), rel=1e-5)
+    assert adv[1, 1].item() == pytest.approx(-a * ((1 - l) + l * math.exp(0.1)), rel=1e-5)
+    # zero-variance group: A = 0 stays 0 whatever the gap (sign(0) = 0 -> w = 1)
+    assert torch.all(adv[2:] == 0)
+    assert torch.equal(adv, ret)
+
+
+def test_gap_beyond_the_clamp_and_the_clip():
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    gap_teacher = torch.tensor([[100.0, -100.0, 100.0, -100.0]])  # clamp(+-100) = +-20, then clip to 1 +- eps
+    w = serl_weights(adv, gap_teacher, torch.zeros_like(adv), weight_clip=0.2)
+    assert w[0].tolist() == pytest.approx([1.2, 0.8, 0.8, 1.2])
+    assert torch.isfinite(w).all()
+
+
+def test_lambda_decay_endpoints():
+    cfg = SERLConfig()  # released defaults
+    assert (cfg.weight_clip, cfg.mixing_lambda, cfg.lambda_decay_steps) == (0.2, 0.5, 50)
+    assert cfg.mixing(0) == 0.5
+    assert cfg.mixing(25) == pytest.approx(0.25)
+    assert cfg.mixing(50) == 0.0
+    assert cfg.mixing(500) == 0.0  # never negative
+    # l = 0: SERL is exactly GRPO
+    rewards, mask, index = _batch()
+    teacher = torch.randn(4, 3)
+    adv, _ = get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index,
+                                          config=_config(), teacher_log_probs=teacher, old_log_probs=torch.zeros(4, 3),
+                                          hindsight_mask=torch.ones(4, 3), global_step=50)
+    grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index)
+    assert torch.equal(adv, grpo)
+
+
+def test_property_deviation_bounded_by_lambda_times_clip():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        a = torch.randn(8, 16, generator=gen) * 3
+        teacher = torch.randn(8, 16, generator=gen) * 5
+        old = torch.randn(8, 16, generator=gen) * 5
+        mask = torch.rand(8, 16, generator=gen) > 0.5
+        eps = float(torch.rand(1, generator=gen)) * 0.9
+        lam = float(torch.rand(1, generator=gen))
+        out, _ = serl_reweight(a, teacher, old, mask, lam, eps)
+        assert torch.all((out - a).abs() <= lam * eps * a.abs() + 1e-6), trial
+        assert torch.equal(out[~mask], a[~mask])
+        assert torch.all(torch.sign(out) == torch.sign(a))  # the reward keeps the direction
+
+
+def test_norm_adv_by_std_is_honoured():
+    rewards, mask, index = _batch()
+    cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": False, "serl": {}})
+    adv, _ = get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index, config=cfg,
+                                          teacher_log_probs=torch.zeros(4, 3), old_log_probs=torch.zeros(4, 3),
+                                          hindsight_mask=torch.zeros(4, 3), global_step=0)
+    assert adv[0, 0].item() == pytest.approx(0.5)  # mean-centred only
+
+
+def test_stock_call_without_hindsight_inputs_says_how_to_enable():
+    rewards, mask, index = _batch()
+    with pytest.raises(ValueError, match="hindsight.enable=true"):
+        get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index, config=_config())
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="algorithm.serl.weight_clip"):
+        SERLConfig(weight_clip=1.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        SERLConfig.from_algorithm_config(OmegaConf.create({"serl": {"decay": 3}}))
