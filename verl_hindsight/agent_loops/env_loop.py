@@ -187,8 +187,10 @@ class EnvAgentLoopBase(AgentLoopBase):
 
     async def _reset(self, session, task_id: str):
         instructions = await asyncio.to_thread(session.instructions)
+        obs = await asyncio.to_thread(session.reset, task_id)
+        # after reset: a benchmark's tools can depend on the task (BFCL declares each task's functions)
         self._tools = await asyncio.to_thread(session.tools)
-        return instructions, await asyncio.to_thread(session.reset, task_id)
+        return instructions, obs
 
     def _action_span(self, gen_ids: list[int], action: TurnAction, offset: int) -> Optional[tuple[int, int]]:
         """Token span of the action in the response (``offset`` = where the message starts)."""

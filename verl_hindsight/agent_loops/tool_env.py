@@ -66,4 +66,7 @@ class ToolEnvAgentLoop(EnvAgentLoopBase):
         return message
 
     def observation_messages(self, result) -> list[dict]:
-        return [{"role": "tool", "content": result.observation}]
+        # An environment may answer as the user rather than as a tool (BFCL's next user turn, tau2's user):
+        # info["observation_role"] = "user" renders it as a user message.
+        role = "user" if result.info.get("observation_role") == "user" else "tool"
+        return [{"role": role, "content": result.observation}]

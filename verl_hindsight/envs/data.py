@@ -17,13 +17,17 @@ from typing import Optional
 from verl_hindsight.envs.base import make_env
 
 TEXT_AGENT = "hindsight_text_env"
+TOOL_AGENT = "hindsight_tool_env"
 
 
 def env_rows(env_name: str, split: str, env_kwargs: Optional[dict] = None, limit: Optional[int] = None,
-             agent_name: str = TEXT_AGENT) -> list[dict]:
+             agent_name: Optional[str] = None) -> list[dict]:
+    """Rows of one split; the agent loop defaults to the tool-calling one when the environment declares tools."""
     env = make_env(env_name, **(env_kwargs or {}))
     try:
         task_ids = env.task_ids(split)
+        if agent_name is None:
+            agent_name = TOOL_AGENT if env.tools() is not None else TEXT_AGENT
     finally:
         env.close()
     if limit is not None:
