@@ -131,10 +131,20 @@ def cmd_env_check(args: argparse.Namespace) -> int:
 
     reports = run_env_check(args.env, policy=args.policy, tasks=args.tasks, workers=args.workers, split=args.split,
                             env_kwargs=_env_kwargs(args.env_kwargs), seed=args.seed, max_turns=args.max_turns,
-                            limits=RunnerLimits(step_timeout_s=args.step_timeout))
+                            limits=RunnerLimits(step_timeout_s=args.step_timeout or SLOW_ENV_STEP_TIMEOUT.get(
+                                args.env, 30.0)))
     print(f"env-check {args.env} --policy {args.policy} ({args.split} split)")
     print(summarize(reports))
     return 0
+
+
+SLOW_ENV_STEP_TIMEOUT = {"appworld": 120.0}
+
+
+def cmd_appworld(args: argparse.Namespace) -> int:
+    from verl_hindsight.envs.appworld_server import main as appworld_main
+
+    return appworld_main(args.appworld_args)
 
 
 def cmd_recipes(_args: argparse.Namespace) -> int:
@@ -176,8 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--max-turns", type=int, default=50)
-    check.add_argument("--step-timeout", type=float, default=30.0)
+    check.add_argument("--step-timeout", type=float, default=None,
+                       help="seconds per step (default 30; 120 for appworld, whose server restarts take longer)")
     check.set_defaults(func=cmd_env_check)
+
+    appworld = sub.add_parser("appworld", help="manage AppWorld's isolated venv and servers "
+                              "(setup | generate-tasks | serve | info); see docs/benchmarks/appworld.md",
+                              add_help=False)
+    appworld.add_argument("appworld_args", nargs=argparse.REMAINDER)
+    appworld.set_defaults(func=cmd_appworld)
 
     rec = sub.add_parser("recipes", help="print the recipes directory (for --config-path)")
     rec.set_defaults(func=cmd_recipes)

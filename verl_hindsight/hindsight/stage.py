@@ -77,6 +77,8 @@ class StageResult:
     teacher_log_probs: list[list[float]]
     hindsight_mask: list[list[int]]
     metrics: dict[str, float] = field(default_factory=dict)
+    # (row index, turn) -> the feedback text the teacher saw there (targeted turns only)
+    inserted_feedback: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
 def _dataclass_from(cls, block: Optional[dict]):
@@ -99,6 +101,8 @@ class HindsightSettings:
     distill: Any = None  # DistillConfig
     analyzer_role: str = "none"
     replay_poll_interval_s: float = 0.05
+    dump_dir: Optional[str] = None  # write sampled trajectories with per-token hindsight values (the viewer's input)
+    dump_rows: int = 8  # trajectories dumped per step
 
     @classmethod
     def from_config(cls, config) -> "HindsightSettings":
@@ -109,7 +113,8 @@ class HindsightSettings:
 
         block = config.get("hindsight", None) if hasattr(config, "get") else None
         block = dict(block) if block is not None else {}
-        known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s"}
+        known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s",
+                 "dump_dir", "dump_rows"}
         unknown = set(block) - known
         if unknown:
             raise ValueError(f"hindsight: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -127,6 +132,8 @@ class HindsightSettings:
             distill=_dataclass_from(DistillConfig, sub("distill")),
             analyzer_role=answers.role,
             replay_poll_interval_s=float(block.get("replay_poll_interval_s", 0.05)),
+            dump_dir=block.get("dump_dir"),
+            dump_rows=int(block.get("dump_rows", 8)),
         )
         settings.validate(config)
         return settings
@@ -178,6 +185,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
     metrics.update(target_metrics(targets))
 
     plans, student_tokens = {}, 0
+    inserted: dict[tuple[int, int], str] = {}
     skipped: dict[str, int] = {}
     for local, turn_ids in targets.items():
         row = rows[live[local]]
@@ -193,6 +201,8 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
             skipped[reason] = skipped.get(reason, 0) + 1
         plans[live[local]] = plan
         student_tokens += len(row.prompt_ids) + len(row.response_ids)
+        scored = {t for seq in plan.sequences for t in seq.turns}
+        inserted.update({(live[local], t.turn): t.feedback for t in picked if t.turn in scored})
 
     sequences = [s.token_ids for p in plans.values() for s in p.sequences]
     start = time.perf_counter()
@@ -241,4 +251,4 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
         success = sum(successes) / len(successes) if successes else 0.0
         metrics["hindsight/teacher_collapse"] = float(
             metrics["hindsight/gap_abs_mean"] < teacher_config.collapse_gap and success < teacher_config.collapse_success)
-    return StageResult(teacher_rows, mask_rows, metrics)
+    return StageResult(teacher_rows, mask_rows, metrics, inserted)

@@ -251,12 +251,14 @@ class HindsightTrainer(PPOTrainerSync):
                                teacher_config=teacher, renderer=self._renderer(), scorer=self._teacher_scorer())
             teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
             metrics.update(result.metrics)
+            self._hs_feedback = result.inserted_feedback
             metrics["hindsight/stage_active"] = 1.0
         else:
             # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into GRPO")
             teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
             mask_rows = [[0] * len(r.response_ids) for r in rows]
             metrics["hindsight/stage_active"] = 0.0
+            self._hs_feedback = {}
         if teacher.log_probe:
             probe = list(range(3, 35))
             metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
@@ -288,6 +290,8 @@ class HindsightTrainer(PPOTrainerSync):
         mixing = self.serl.mixing(self.updates_done)
         advantages, serl_metrics = serl_reweight(dense["advantages"], dense["teacher_log_probs"],
                                                  dense["old_log_probs"], mask, mixing, self.serl.weight_clip)
+        self._hs_serl_factor = torch.where(dense["advantages"] != 0, advantages / dense["advantages"],
+                                           torch.ones_like(advantages))
         changed = (advantages != dense["advantages"]) & dense["response_mask"].bool()
         serl_metrics["serl/changed_tokens_outside_hindsight_mask"] = float((changed & ~mask).sum())
         serl_metrics["serl/changed_tokens"] = float(changed.sum())
@@ -297,6 +301,8 @@ class HindsightTrainer(PPOTrainerSync):
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
 
     def _update_actor(self, batch, metrics: dict):
+        if self.hs.dump_dir:
+            self._dump_trajectories(batch)
         if self.hs.enable:
             batch.extra_info.update({"hs_global_step": self.updates_done, "hs_num_targets": self._hs_num_targets,
                                      "hs_num_rows": self._hs_num_rows})
@@ -304,6 +310,44 @@ class HindsightTrainer(PPOTrainerSync):
         if self.hs.enable:
             metrics.update(self._update_teacher())
         return batch
+
+    def _dump_trajectories(self, batch) -> None:
+        """``hindsight.dump_dir``: sampled trajectories with per-token values, for the viewer (:mod:`.dump`)."""
+        import transfer_queue as tq
+
+        from verl_hindsight.trainer.dump import token_records, trajectory_record, write_step
+
+        rows = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)][: self.hs.dump_rows]
+        if not rows:
+            return
+        fields = ["prompts", "responses", "action_mask", "old_log_probs", "advantages", "extra_fields", "uid"]
+        if self.hs.enable:
+            fields += ["teacher_log_probs", "hindsight_mask"]
+        keys = [batch.keys[i] for i in rows]
+        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
+        extra = data.pop("extra_fields")
+        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
+        uids = data.pop("uid")
+        uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+        tokenizer = self._renderer().tokenizer
+        factor = getattr(self, "_hs_serl_factor", None) if self.serl is not None else None
+        feedback = getattr(self, "_hs_feedback", {}) if self.hs.enable else {}
+        records = []
+        for k, row in enumerate(rows):
+            response = _rows(data["responses"])[k].tolist()
+            n = len(response)
+            hmask = _rows(data["hindsight_mask"])[k].tolist() if self.hs.enable else [0] * n
+            teacher = _rows(data["teacher_log_probs"])[k].float().tolist() if self.hs.enable else [0.0] * n
+            tokens = token_records(tokenizer, response, _rows(data["action_mask"])[k].tolist(), hmask,
+                                   _rows(data["old_log_probs"])[k].float().tolist(), teacher,
+                                   _rows(data["advantages"])[k].float().tolist(),
+                                   factor[row, :n].tolist() if factor is not None else None)
+            prompt = tokenizer.decode(_rows(data["prompts"])[k].tolist(), skip_special_tokens=False)
+            turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
+            records.append(trajectory_record(self.global_steps, str(self.config.trainer.experiment_name),
+                                             str(uids[k]), extra[k] if isinstance(extra[k], dict) else {}, prompt,
+                                             tokens, turn_feedback))
+        write_step(self.hs.dump_dir, self.global_steps, records)
 
     # ------------------------------------------------------------------ teacher weights
     def _update_teacher(self) -> dict[str, float]:

@@ -1,0 +1,67 @@
+"""Per-step trajectory dumps with per-token hindsight values: what the trajectory viewer shows.
+
+``hindsight.dump_dir=DIR`` makes the hindsight trainer write ``DIR/step_<k>.jsonl`` every step, one JSON object per
+sampled trajectory (the first ``hindsight.dump_rows`` non-padding rows), written after the advantage so SERL's
+weights are final::
+
+    {"step": 3, "experiment": "toy_serl", "uid": "...", "task_id": "red-blue-...", "env": "toy",
+     "success": false, "return": 0.5, "prompt": "<decoded prompt>",
+     "turns": [{"turn": 0, "observation": "...", "action": "C", "error": "wrong key: ...",
+                "targeted": true, "feedback": "<text the teacher saw, or null>"}],
+     "tokens": [{"text": "<", "action": 1, "targeted": 0, "advantage": 0.41, "old_lp": -1.2,
+                 "teacher_lp": null, "gap": null, "serl_weight": null, "kl": null}, ...]}
+
+``teacher_lp``/``gap``/``kl`` (the k3 reverse-KL estimate) are set on targeted tokens; ``serl_weight`` too when the
+estimator is SERL (the factor (1 - l) + l * w applied to the advantage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+
+def token_records(tokenizer, response_ids, action_mask, hindsight_mask, old_lp, teacher_lp, advantages,
+                  serl_factor: Optional[list[float]]) -> list[dict[str, Any]]:
+    out = []
+    for i, tok in enumerate(response_ids):
+        targeted = bool(hindsight_mask[i]) if i < len(hindsight_mask) else False
+        gap = teacher_lp[i] - old_lp[i] if targeted else None
+        out.append({
+            "text": tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False),
+            "action": int(action_mask[i]) if i < len(action_mask) else 0,
+            "targeted": int(targeted),
+            "advantage": float(advantages[i]) if i < len(advantages) else 0.0,
+            "old_lp": float(old_lp[i]),
+            "teacher_lp": float(teacher_lp[i]) if targeted else None,
+            "gap": float(gap) if gap is not None else None,
+            "serl_weight": float(serl_factor[i]) if (serl_factor is not None and targeted) else None,
+            "kl": float(math.exp(max(-20.0, min(20.0, gap))) - gap - 1.0) if gap is not None else None,
+        })
+    return out
+
+
+def trajectory_record(step: int, experiment: str, uid: str, extra: dict, prompt_text: str,
+                      tokens: list[dict], feedback: dict[int, str]) -> dict[str, Any]:
+    env = extra.get("hs_env") or {}
+    turns = []
+    for t in extra.get("hs_turns") or []:
+        turn = int(t["turn"])
+        turns.append({"turn": turn, "observation": t.get("observation", ""), "action": t.get("action"),
+                      "error": t.get("error"), "next_observation": t.get("next_observation", ""),
+                      "targeted": turn in feedback, "feedback": feedback.get(turn)})
+    return {"step": step, "experiment": experiment, "uid": uid, "task_id": env.get("task_id", ""),
+            "env": env.get("env", ""), "success": bool(env.get("success", False)),
+            "return": float(env.get("return", 0.0)), "failure": env.get("failure") or None,
+            "prompt": prompt_text, "turns": turns, "tokens": tokens}
+
+
+def write_step(dump_dir: str, step: int, records: list[dict]) -> str:
+    os.makedirs(dump_dir, exist_ok=True)
+    path = os.path.join(dump_dir, f"step_{step}.jsonl")
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
