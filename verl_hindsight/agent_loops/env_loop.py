@@ -355,8 +355,9 @@ class EnvAgentLoopBase(AgentLoopBase):
         reward = 0.0 if summary["failure"] else float(summary["return"])
         extra = {"hs_turns": turns, "hs_env": dict(summary), "hs_last_row": last_row, "min_global_steps": min_steps,
                  "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": [],
-                 # verl reads this from the final row of a multi-row episode when the loop sets reward_score itself
-                 "reward_extra_info": {},
+                 # verl reads this from the final row of a multi-row episode when the loop sets reward_score itself;
+                 # its keys become validation metrics (val-aux/<data_source>/success/mean@N)
+                 "reward_extra_info": {"success": float(bool(summary["success"]) and not summary["failure"])},
                  # analyzer / reflector answers (hindsight.analyzer); same keys on every row
                  "hs_analysis": None, "hs_reflection": None}
         extra.update(answers or {})

@@ -45,6 +45,9 @@ class TeacherConfig:
     collapse_gap: float = 0.02
     collapse_success: float = 0.5
     log_probe: bool = False  # score a fixed probe sequence every step (hindsight/teacher_probe_logprob)
+    # where the feedback goes: right before the target turn (HINT-SD), or at the start of the episode (the
+    # placement ablation of HINT-SD's paper: same feedback, far from the turn it is about)
+    insert_at: str = "target_turn"
 
     def __post_init__(self):
         if self.kind not in TEACHER_KINDS:
@@ -53,6 +56,10 @@ class TeacherConfig:
             raise ValueError(f"hindsight.teacher.ema_decay must be in (0, 1), got {self.ema_decay!r}")
         if self.sync_interval < 1:
             raise ValueError(f"hindsight.teacher.sync_interval must be >= 1, got {self.sync_interval!r}")
+        if self.insert_at not in ("target_turn", "episode_start"):
+            raise ValueError(f"hindsight.teacher.insert_at must be target_turn or episode_start, got {self.insert_at!r}")
+        if self.insert_at == "episode_start" and self.mode != "isolated":
+            raise ValueError("hindsight.teacher.insert_at=episode_start needs mode=isolated")
         if "{feedback}" not in self.feedback_template:
             raise ValueError("hindsight.teacher.feedback_template must contain '{feedback}'")
 
@@ -191,8 +198,10 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
         row = rows[live[local]]
         traj = trajectories[local]
         by_turn = {t.turn: t for t in traj.turns}
-        picked = [TargetTurn(t, by_turn[t].response_span[0], by_turn[t].action_span[0], by_turn[t].action_span[1],
-                             feedback.get((local, t), "")) for t in turn_ids if by_turn[t].action_span]
+        first = min(by_turn)
+        picked = [TargetTurn(t, by_turn[first if teacher_config.insert_at == "episode_start" else t].response_span[0],
+                             by_turn[t].action_span[0], by_turn[t].action_span[1], feedback.get((local, t), ""))
+                  for t in turn_ids if by_turn[t].action_span]
         if not picked:
             continue
         plan = plan_teacher_sequences(row.prompt_ids, row.response_ids, picked, renderer, mode=teacher_config.mode,

@@ -349,6 +349,15 @@ class HindsightTrainer(PPOTrainerSync):
                                              tokens, turn_feedback))
         write_step(self.hs.dump_dir, self.global_steps, records)
 
+    def _validate(self, *args, **kwargs):
+        metrics = super()._validate(*args, **kwargs)
+        if metrics:
+            # one stable name for episode success on the validation set (the agent loops report it per sample)
+            found = [v for k, v in metrics.items() if k.startswith("val-aux/") and k.endswith("/success/mean@1")]
+            if found:
+                metrics["hindsight/val_success"] = float(sum(found) / len(found))
+        return metrics
+
     # ------------------------------------------------------------------ teacher weights
     def _update_teacher(self) -> dict[str, float]:
         kind = self.hs.teacher.kind
