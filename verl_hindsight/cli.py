@@ -75,27 +75,28 @@ def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from verl_hindsight.tasks.letters import write_dataset
-    from verl_hindsight.tiny_model import make_tiny_model
+    from verl_hindsight.demo.run import METHODS, DemoConfig, default_run_dir, run_demo
 
-    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    steps = 3 if args.quick else args.steps
-    print(f"run folder: {run_dir}")
-    model_dir = make_tiny_model(run_dir / "model", seed=args.seed)
-    train, val = write_dataset(run_dir / "data", seed=args.seed)
-    overrides = [f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train}", f"data.val_files={val}",
-                 f"data.seed={args.seed}", f"actor_rollout_ref.rollout.seed={args.seed}"]
-    rc = run_main_ppo("cpu/grpo_smoke", overrides, run_dir, steps, "GRPO (tiny model, CPU)")
-    if rc != 0:
-        return rc
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    print(f"\n{'step':>4}  {'reward':>8}  {'grad_norm':>9}  {'step_s':>7}")
-    for row in rows:
-        d = row["data"]
-        print(f"{row['step']:>4}  {d['critic/score/mean']:>8.4f}  {d['actor/grad_norm']:>9.4f}  "
-              f"{d['timing_s/step']:>7.2f}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}   verl log: {run_dir / 'verl.log'}")
+    run_dir = default_run_dir(args.run_dir)
+    if args.quick:
+        cfg = DemoConfig.quick(run_dir)
+    else:
+        cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps, test_freq=args.test_freq,
+                         warm_steps=args.warm_steps, ablations=args.ablations)
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    from dataclasses import replace
+
+    return run_demo(replace(cfg, methods=methods, ablations=args.ablations))
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from verl_hindsight.report.viewer import build_viewer
+
+    path = build_viewer(Path(args.run_dir).resolve(), out=Path(args.out).resolve() if args.out else None)
+    print(path)
     return 0
 
 
@@ -158,12 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verl-hindsight", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train the tiny model on CPU through stock verl main_ppo")
+    demo = sub.add_parser("demo", help="train GRPO, HINT-SD and SERL side by side on the toy corridor (CPU)")
     demo.add_argument("--run-dir", help="output folder (default: runs/demo-<time>)")
-    demo.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
-    demo.add_argument("--quick", action="store_true", help="3 steps, for a smoke check")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=100, help="training steps per run (default 100)")
+    demo.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1; 3 for the study)")
+    demo.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
+    demo.add_argument("--warm-steps", type=int, default=400, help="supervised warm-start steps (default 400)")
+    demo.add_argument("--methods", help="comma-separated subset of grpo,hint_sd,serl")
+    demo.add_argument("--ablations", action="store_true",
+                      help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")
+    demo.add_argument("--quick", action="store_true", help="2 steps per method, tiny warm start: a smoke check")
     demo.set_defaults(func=cmd_demo)
+
+    view = sub.add_parser("view", help="(re)build the self-contained HTML trajectory viewer of a run folder "
+                          "(demo runs, or verl rollout dumps from trainer.rollout_data_dir)")
+    view.add_argument("run_dir")
+    view.add_argument("--out", help="output HTML file (default RUN_DIR/viewer.html)")
+    view.set_defaults(func=cmd_view)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model and tokenizer, offline")
     add_cli_arguments(tiny)
