@@ -28,6 +28,10 @@ def test_serl_on_generated_alfworld_games(format_model, tmp_path):
         f"actor_rollout_ref.model.path={format_model}", f"data.train_files={tmp_path / 'data' / 'train.parquet'}",
         f"data.val_files={tmp_path / 'data' / 'val.parquet'}", "trainer.total_training_steps=2",
         "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        # history mode makes the row count vary per step: micro-batches of 1 divide any count
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
         "data.max_prompt_length=1800", "data.max_response_length=32", "hindsight.env.max_turns=3",
         "hindsight.env.history_turns=2",  # SERL's ALFWorld setting: fresh prompt with the last 2 steps
         f"trainer.default_local_dir={tmp_path / 'ckpt'}",

@@ -31,6 +31,10 @@ def test_hint_sd_runs_on_bfcl_tasks(tmp_path):
         f"actor_rollout_ref.model.path={model}", f"data.train_files={tmp_path / 'data' / 'train.parquet'}",
         f"data.val_files={tmp_path / 'data' / 'val.parquet'}", "trainer.total_training_steps=1",
         "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        # 4 rows per step: micro-batches must divide them
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=1",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
         "data.max_prompt_length=14000", "data.max_response_length=48",
         "actor_rollout_ref.rollout.agent.default_agent_loop=hindsight_tool_env",
         "hindsight.env.max_turns=2", "hindsight.analyzer.role=analyzer", "+hindsight.analyzer.max_tokens=32",
