@@ -82,7 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig.quick(run_dir)
     else:
         cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps, test_freq=args.test_freq,
-                         warm_steps=args.warm_steps, ablations=args.ablations)
+                         warm_steps=args.warm_steps, ablations=args.ablations,
+                         warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
     demo.add_argument("--warm-steps", type=int, default=400, help="supervised warm-start steps (default 400)")
     demo.add_argument("--methods", help="comma-separated subset of grpo,hint_sd,serl")
+    demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",
                       help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")
     demo.add_argument("--quick", action="store_true", help="2 steps per method, tiny warm start: a smoke check")

@@ -110,6 +110,9 @@ class HindsightSettings:
     replay_poll_interval_s: float = 0.05
     dump_dir: Optional[str] = None  # write sampled trajectories with per-token hindsight values (the viewer's input)
     dump_rows: int = 8  # trajectories dumped per step
+    # "actions": the policy-gradient advantage is zeroed outside action tokens, so reasoning/format tokens get no
+    # PG update (the toy study's setting; it keeps a tiny model from losing its output format). "all": verl's way.
+    advantage_tokens: str = "all"
 
     @classmethod
     def from_config(cls, config) -> "HindsightSettings":
@@ -121,7 +124,7 @@ class HindsightSettings:
         block = config.get("hindsight", None) if hasattr(config, "get") else None
         block = dict(block) if block is not None else {}
         known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s",
-                 "dump_dir", "dump_rows"}
+                 "dump_dir", "dump_rows", "advantage_tokens"}
         unknown = set(block) - known
         if unknown:
             raise ValueError(f"hindsight: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -141,12 +144,15 @@ class HindsightSettings:
             replay_poll_interval_s=float(block.get("replay_poll_interval_s", 0.05)),
             dump_dir=block.get("dump_dir"),
             dump_rows=int(block.get("dump_rows", 8)),
+            advantage_tokens=str(block.get("advantage_tokens", "all")),
         )
         settings.validate(config)
         return settings
 
     def validate(self, config) -> None:
         """Configs that would silently do nothing, or something else than asked, fail here with the fix."""
+        if self.advantage_tokens not in ("all", "actions"):
+            raise ValueError(f"hindsight.advantage_tokens must be 'all' or 'actions', got {self.advantage_tokens!r}")
         algorithm = config.get("algorithm", {}) if hasattr(config, "get") else {}
         estimator = str(algorithm.get("adv_estimator", "")) if algorithm is not None else ""
         if estimator == "serl" and not self.enable:

@@ -270,6 +270,27 @@ class HindsightTrainer(PPOTrainerSync):
         return metrics
 
     def _compute_advantage(self, batch, metrics: dict):
+        batch = self._compute_advantage_by_estimator(batch, metrics)
+        if self.hs.advantage_tokens == "actions":
+            batch = self._advantage_on_actions_only(batch)
+        return batch
+
+    def _advantage_on_actions_only(self, batch):
+        """``hindsight.advantage_tokens=actions``: zero the advantage (and return) outside action tokens."""
+        import transfer_queue as tq
+        from tensordict import TensorDict
+        from verl.workers.utils.padding import response_to_nested
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["advantages", "action_mask", "response_mask"])
+        response_mask = data["response_mask"]
+        dense = data.to_padded_tensor()
+        advantages = dense["advantages"] * dense["action_mask"].to(dense["advantages"].dtype)
+        nested = response_to_nested(advantages, response_mask)
+        out = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+
+    def _compute_advantage_by_estimator(self, batch, metrics: dict):
         if self.serl is None:
             return super()._compute_advantage(batch, metrics)
         import torch
