@@ -61,11 +61,11 @@ def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: 
         done = 0
         while proc.poll() is None:
             time.sleep(1.0)
-            steps = {row["step"] for row in read_metrics(metrics_path)}
+            steps = {row["step"] for row in read_metrics(metrics_path) if row["step"] >= 1}
             if len(steps) > done:
                 bar.update(len(steps) - done)
                 done = len(steps)
-        steps = {row["step"] for row in read_metrics(metrics_path)}
+        steps = {row["step"] for row in read_metrics(metrics_path) if row["step"] >= 1}
         bar.update(max(0, len(steps) - done))
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]

@@ -16,6 +16,7 @@ the start of the episode instead of at the failing turn.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,17 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, run_dir: Path) -> "DemoConfig":
-        return cls(run_dir=run_dir, seeds=1, steps=2, test_freq=1, warm_steps=20, batch_tasks=2, rollouts=2)
+        # 80 warm-start steps: enough for the output format, so the failing turns carry actions to target
+        return cls(run_dir=run_dir, seeds=1, steps=2, test_freq=1, warm_steps=80, batch_tasks=2, rollouts=2)
 
 
 def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: int, out: Path) -> list[str]:
+    # verl asserts that micro-batches divide each rank's rows (rollouts per step, and the validation panel)
+    micro = math.gcd(8, cfg.batch_tasks * cfg.rollouts)
     return [
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={micro}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={micro}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
         f"actor_rollout_ref.model.path={model}", f"data.train_files={train}", f"data.val_files={val}",
         f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}",
         f"data.train_batch_size={cfg.batch_tasks}", f"actor_rollout_ref.rollout.n={cfg.rollouts}",
