@@ -132,6 +132,11 @@ def finish(cfg: DemoConfig, failures: list[str]) -> int:
 
     run_dir = cfg.run_dir
     plot = plot_run(run_dir)
+    if cfg.ablations:
+        from verl_hindsight.report.plots import plot_ablations
+
+        for extra in plot_ablations(run_dir):
+            print(f"ablation plot: {extra}")
     viewer = build_viewer(run_dir)
     text, _ = summarize(run_dir, threshold=0.8, budget=cfg.steps)
     (run_dir / "summary.txt").write_text(text + "\n")

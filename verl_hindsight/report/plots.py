@@ -1,57 +1,146 @@
-"""``curves.png``: validation success, teacher-student gap and share of tokens distilled/reweighted per method."""
+"""``curves.png``: validation success, teacher-student gap and share of action tokens distilled/reweighted per method.
+
+Each method is drawn as the mean over its seeds (thick line, on the steps every seed logged) with the individual seeds
+as thin transparent lines. Methods with no data for a panel are left out of that panel. ``plot_ablation`` draws the
+first two panels for a chosen set of runs (teacher kind, feedback placement), where a collapsing teacher shows up as
+its gap falling to zero while validation success stays low.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from verl_hindsight.report.runs import Run, load_runs
 
+THRESHOLD = 0.8
+GAP_KEY = "hindsight/gap_abs_mean"
+FRACTION_KEYS = ("hindsight/targeted_token_frac_of_actions", "serl/reweighted_token_frac")
+MAIN_METHODS = ("grpo", "hint_sd", "serl", "hero")
+
+# (title, key resolver); a resolver gets a Run and returns the metric key to draw for it, or None.
 PANELS = (
-    ("validation success", None),
-    ("teacher-student gap |mean| (targeted tokens)", "hindsight/gap_abs_mean"),
-    ("fraction of action tokens distilled / reweighted", "hindsight/targeted_token_frac_of_actions"),
+    ("validation success", lambda run: run.val_key()),
+    ("teacher-student gap: mean |log p_T - log p_S| (targeted tokens)", lambda run: _first_key(run, (GAP_KEY,))),
+    ("fraction of action tokens distilled / reweighted", lambda run: _first_key(run, FRACTION_KEYS)),
 )
 
+# The demo's ablations (``verl_hindsight.demo.run.ABLATIONS``), as label -> method (all seeds of it).
+TEACHER_ABLATION = {"frozen (initial)": "hint_sd", "EMA": "hint_sd_ema", "lagged": "hint_sd_lagged",
+                    "live (current policy)": "hint_sd_live"}
+PLACEMENT_ABLATION = {"at the failing turn": "hint_sd", "at the episode start": "hint_sd_episode_start"}
 
-def _draw(runs: list[Run], out: Path, title: str) -> Path:
+
+def _first_key(run: Run, keys: tuple[str, ...]) -> Optional[str]:
+    present = {k for m in run.metrics for k in m}
+    return next((k for k in keys if k in present), None)
+
+
+def _mean_curve(series: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
+    """Mean over seeds at the steps every seed has (all of them when there is only one seed)."""
+    maps = [dict(zip(xs, ys)) for xs, ys in series if xs]
+    if not maps:
+        return [], []
+    common = sorted(set.intersection(*(set(m) for m in maps)))
+    return common, [sum(m[s] for m in maps) / len(maps) for s in common]
+
+
+def _draw(groups: dict[str, list[Run]], out: Path, title: str, n_panels: int = 3) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    colours = {}
-    for ax, (label, key) in zip(axes, PANELS):
+    panels = PANELS[:n_panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (label, resolve) in zip(axes[0], panels):
         drawn = False
-        for run in runs:
-            k = run.val_key() if key is None else key
-            if not k:
-                continue
-            xs, ys = run.series(k)
-            if not xs:
-                continue
-            colour = colours.setdefault(run.method, f"C{len(colours)}")
-            ax.plot(xs, ys, color=colour, alpha=0.85, marker="." if key is None else None,
-                    label=f"{run.method} s{run.seed}")
+        for i, (name, runs) in enumerate(groups.items()):
+            colour = f"C{i % 10}"
+            series = []
+            for run in runs:
+                key = resolve(run)
+                xs, ys = run.series(key) if key else ([], [])
+                if xs:
+                    series.append((xs, ys))
+            if not series:
+                continue  # no data for this method in this panel
+            for xs, ys in series if len(series) > 1 else []:
+                ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+            mx, my = _mean_curve(series)
+            if not mx:  # seeds logged on disjoint steps: fall back to the first seed
+                mx, my = series[0]
+            seeds = f" ({len(series)} seeds)" if len(series) > 1 else ""
+            ax.plot(mx, my, color=colour, linewidth=2, marker="." if len(mx) <= 40 else None,
+                    label=f"{name}{seeds}")
             drawn = True
-        if key is None:
-            ax.axhline(0.8, color="grey", linestyle="--", linewidth=1)
+        if label == "validation success":
+            ax.axhline(THRESHOLD, color="grey", linestyle="--", linewidth=1, label=f"{THRESHOLD:.0%}")
             ax.set_ylim(-0.02, 1.02)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
 
-def plot_run(run_dir: Path, out: Optional[Path] = None, names: Optional[list[str]] = None,
+def _by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.method, r.seed)):
+        groups.setdefault(run.method, []).append(run)
+    return groups
+
+
+def plot_run(run_dir: Union[str, Path], out: Optional[Path] = None, names: Optional[list[str]] = None,
              title: str = "GRPO vs HINT-SD vs SERL (toy corridor, CPU)") -> Path:
-    runs = [r for r in load_runs(run_dir) if names is None or r.method in names]
-    return _draw(runs, Path(out or Path(run_dir) / "curves.png"), title)
+    """``RUN_DIR/curves.png``. ``names`` picks methods; by default the main methods present (GRPO, HINT-SD, SERL,
+    HERO), so ablation runs in the same folder do not crowd the comparison (see ``plot_ablation``); every method when
+    none of the main ones is there."""
+    runs = load_runs(Path(run_dir))
+    if names is None:
+        main = [r for r in runs if r.method in MAIN_METHODS]
+        runs = main or runs
+    else:
+        runs = [r for r in runs if r.method in names]
+    groups = _by_method(runs)
+    order = {m: i for i, m in enumerate(MAIN_METHODS)}
+    groups = dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    return _draw(groups, Path(out) if out else Path(run_dir) / "curves.png", title)
+
+
+def plot_ablation(run_dir: Union[str, Path], runs: dict[str, str], out: Union[str, Path] = "ablation.png",
+                  title: str = "ablation") -> Path:
+    """Validation success and teacher-student gap for ``runs`` (label -> run name). A run name is either a run folder
+    (``hint_sd_live-s0``) or a method (``hint_sd_live``: all its seeds, mean + thin seeds). Labels with no run in
+    the folder are left out. ``out`` is a file name inside ``run_dir`` (or an absolute path)."""
+    run_dir = Path(run_dir)
+    loaded = load_runs(run_dir)
+    groups: dict[str, list[Run]] = {}
+    for label, name in runs.items():
+        chosen = [r for r in loaded if r.name == name] or [r for r in loaded if r.method == name]
+        if chosen:
+            groups[label] = sorted(chosen, key=lambda r: r.seed)
+    out = Path(out)
+    return _draw(groups, out if out.is_absolute() else run_dir / out, title, n_panels=2)
+
+
+def plot_ablations(run_dir: Union[str, Path]) -> list[Path]:
+    """The demo's two ablation figures, for whichever of their runs exist: ``ablation_teacher.png`` (frozen / EMA /
+    lagged / live teacher) and ``ablation_placement.png`` (feedback at the failing turn vs at the episode start)."""
+    methods = {r.method for r in load_runs(Path(run_dir))}
+    written = []
+    for name, spec, title in (
+            ("ablation_teacher.png", TEACHER_ABLATION, "HINT-SD teacher kind (a live teacher's gap collapses to 0)"),
+            ("ablation_placement.png", PLACEMENT_ABLATION, "HINT-SD feedback placement")):
+        variants = [m for m in spec.values() if m != "hint_sd"]
+        if any(m in methods for m in variants):
+            written.append(plot_ablation(run_dir, spec, name, title))
+    return written
