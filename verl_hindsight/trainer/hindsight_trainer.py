@@ -353,17 +353,18 @@ class HindsightTrainer(PPOTrainerSync):
         tokenizer = self._renderer().tokenizer
         factor = getattr(self, "_hs_serl_factor", None) if self.serl is not None else None
         feedback = getattr(self, "_hs_feedback", {}) if self.hs.enable else {}
+        columns = {name: _rows(data[name]) for name in fields if name not in ("extra_fields", "uid")}
         records = []
         for k, row in enumerate(rows):
-            response = _rows(data["responses"])[k].tolist()
+            response = columns["responses"][k].tolist()
             n = len(response)
-            hmask = _rows(data["hindsight_mask"])[k].tolist() if self.hs.enable else [0] * n
-            teacher = _rows(data["teacher_log_probs"])[k].float().tolist() if self.hs.enable else [0.0] * n
-            tokens = token_records(tokenizer, response, _rows(data["action_mask"])[k].tolist(), hmask,
-                                   _rows(data["old_log_probs"])[k].float().tolist(), teacher,
-                                   _rows(data["advantages"])[k].float().tolist(),
+            hmask = columns["hindsight_mask"][k].tolist() if self.hs.enable else [0] * n
+            teacher = columns["teacher_log_probs"][k].float().tolist() if self.hs.enable else [0.0] * n
+            tokens = token_records(tokenizer, response, columns["action_mask"][k].tolist(), hmask,
+                                   columns["old_log_probs"][k].float().tolist(), teacher,
+                                   columns["advantages"][k].float().tolist(),
                                    factor[row, :n].tolist() if factor is not None else None)
-            prompt = tokenizer.decode(_rows(data["prompts"])[k].tolist(), skip_special_tokens=False)
+            prompt = tokenizer.decode(columns["prompts"][k].tolist(), skip_special_tokens=False)
             turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
             records.append(trajectory_record(self.global_steps, str(self.config.trainer.experiment_name),
                                              str(uids[k]), extra[k] if isinstance(extra[k], dict) else {}, prompt,
