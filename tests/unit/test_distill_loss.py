@@ -167,8 +167,8 @@ def test_with_policy_gradient_the_pg_loss_is_kept():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="topk_tail"):
-        DistillConfig(coef=1.0, divergence="topk_tail")
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        DistillConfig(coef=1.0, divergence="topk_tail", topk=0)
     with pytest.raises(ValueError, match="trains nothing"):
         DistillConfig(coef=0.0, policy_gradient=False)
     assert DistillConfig(coef=1.0, coef_decay_steps=10).coef_at(5) == pytest.approx(0.5)

@@ -213,3 +213,67 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
     gaps = [result.teacher_log_probs[k][i] - rows[k].old_log_probs[i] for k, ref in enumerate(expected) for i in ref]
     assert m["hindsight/gap_mean"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
     assert m["hindsight/teacher_to_student_tokens"] > 0 and "hindsight/teacher_collapse" in m
+
+    # the top-k scorer (topk_tail loss): same sampled log-probs, plus the teacher's top-k on targeted tokens only
+    import torch
+
+    from verl_hindsight.hindsight.teacher_sequences import transformers_topk_scorer
+
+    k = 4
+    with_topk = run_stage(rows, feedback_config=FeedbackConfig(source="error"),
+                          target_config=TargetConfig(turns="with_feedback", trajectories="failed"),
+                          teacher_config=TeacherConfig(mode=mode), renderer=renderer,
+                          topk_scorer=transformers_topk_scorer(model, k), topk=k)
+    assert with_topk.hindsight_mask == result.hindsight_mask
+    for row, teacher, ref_teacher, mask, (ids, lps) in zip(rows, with_topk.teacher_log_probs,
+                                                             result.teacher_log_probs, result.hindsight_mask,
+                                                             with_topk.teacher_topk):
+        assert teacher == pytest.approx(ref_teacher, abs=1e-6)
+        assert ids.shape == lps.shape == (len(row.response_ids), k)
+        for i, keep in enumerate(mask):
+            if not keep:
+                assert not ids[i].any() and not lps[i].any()
+                continue
+            assert torch.all(lps[i][:-1] >= lps[i][1:]) and lps[i][0] >= teacher[i] - 1e-5  # sorted, top-1 first
+            hit = (ids[i] == row.response_ids[i]).nonzero()
+            if len(hit):  # the student's token among the teacher's top-k: the same forward, the same value
+                assert float(lps[i][hit[0, 0]]) == pytest.approx(teacher[i], abs=1e-5)
+
+
+def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
+    """targets.span=message: the hindsight mask covers the targeted turn's whole generated message (format tokens
+    included), never the observation tokens after it; values equal the independent assembly."""
+    from verl_hindsight.hindsight.feedback import FeedbackConfig
+    from verl_hindsight.hindsight.stage import Row, TeacherConfig, run_stage
+    from verl_hindsight.hindsight.targets import TargetConfig
+
+    model, tok, renderer, scorer = env
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    prompt, response, turns = random_trajectory(tok, random.Random(5), n_turns=3)
+    obs_len = {k: len(enc(NL + f"<|im_start|>user\nDoor {k + 1} is blue.<|im_end|>\n<|im_start|>assistant\n"))
+               for k in range(1, 3)}
+    message_end = [turns[k + 1][1] - obs_len[k + 1] for k in range(2)] + [len(response)]
+    response_mask = [0] * len(response)
+    for (k, start, _, _), end in zip(turns, message_end):
+        response_mask[start:end] = [1] * (end - start)
+    action_mask = [0] * len(response)
+    for _, _, a, b in turns:
+        action_mask[a:b] = [1] * (b - a)
+    ends = [t[1] for t in turns[1:]] + [len(response)]
+    records = [_record(k, s, a, b, e, "wrong key" if k == 1 else None) for (k, s, a, b), e in zip(turns, ends)]
+    row = Row(uid="g", prompt_ids=prompt, response_ids=response, action_mask=action_mask, response_mask=response_mask,
+              extra_fields={"hs_turns": records, "hs_env": {"success": False, "return": 0.0}},
+              old_log_probs=[0.0] * len(response))
+    result = run_stage([row], feedback_config=FeedbackConfig(source="error"),
+                       target_config=TargetConfig(turns="with_feedback", trajectories="failed", span="message"),
+                       teacher_config=TeacherConfig(), renderer=renderer, scorer=scorer)
+    k, start, _, _ = turns[1]
+    ref = reference_teacher(tok, model, prompt, response, [((k, start, start, message_end[1]), "wrong key")], False)
+    mask = result.hindsight_mask[0]
+    assert {i for i, m in enumerate(mask) if m} == set(range(start, message_end[1])) == set(ref)
+    for i in ref:
+        assert result.teacher_log_probs[0][i] == pytest.approx(ref[i], abs=1e-5)
+    with pytest.raises(ValueError, match="response_mask"):
+        run_stage([Row(**{**row.__dict__, "response_mask": None})], feedback_config=FeedbackConfig(source="error"),
+                  target_config=TargetConfig(turns="with_feedback", trajectories="failed", span="message"),
+                  teacher_config=TeacherConfig(), renderer=renderer, scorer=scorer)

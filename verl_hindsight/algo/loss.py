@@ -24,6 +24,12 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
 from verl_hindsight.algo.divergences import SAMPLED_DIVERGENCES, sampled_divergence
+from verl_hindsight.algo.topk_distill import (
+    STUDENT_KL_KEY,
+    STUDENT_MASS_KEY,
+    TEACHER_MASS_KEY,
+    student_topk_tail_kl,
+)
 
 DIVERGENCES = (*SAMPLED_DIVERGENCES, "topk_tail")
 
@@ -33,7 +39,10 @@ class DistillConfig:
     """``hindsight.distill``: the distillation term of the actor loss."""
 
     coef: float = 0.0  # 0 disables the term (SERL: reweighting only)
-    divergence: str = "k3"  # k1 | k3 | jsd (sampled-token estimators) | topk_tail (needs full logits)
+    # k1 | k3 | jsd: sampled-token estimators; topk_tail: reverse KL over the teacher's top-k + a tail bucket,
+    # computed from the student's logits through verl's top-k hook (:mod:`.topk_distill`; FSDP engines)
+    divergence: str = "k3"
+    topk: int = 8  # k of topk_tail
     jsd_beta: float = 0.5
     policy_gradient: bool = True  # False: pure distillation, no PG term (HINT-SD's released code)
     coef_decay_steps: Optional[int] = None  # linear decay of coef to 0 over this many steps; None = constant
@@ -41,12 +50,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"hindsight.distill.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.divergence == "topk_tail":
-            raise ValueError(
-                "hindsight.distill.divergence=topk_tail needs the student's full logits inside the loss, which verl "
-                "0.9.1's actor loss interface does not expose (model_output has sampled-token log-probs only); "
-                "use k3 (HINT-SD's reverse KL on sampled tokens) or jsd. The top-k + tail math is available as "
-                "verl_hindsight.algo.divergences.topk_tail_reverse_kl for custom engines.")
+        if self.topk < 1:
+            raise ValueError(f"hindsight.distill.topk must be >= 1, got {self.topk!r}")
         if self.coef < 0:
             raise ValueError(f"hindsight.distill.coef must be >= 0, got {self.coef!r}")
         if not 0.0 < self.jsd_beta < 1.0:
@@ -75,8 +80,17 @@ def masked_target_mean(divergence: torch.Tensor, mask: torch.Tensor, num_targets
     return total / (float(num_targets) * share) * dp_size
 
 
-def hindsight_ppo_loss(config, model_output, data, dp_group=None, *, distill: DistillConfig):
-    """verl actor loss (``ppo_loss`` signature plus the bound ``distill`` config)."""
+def hindsight_ppo_loss(config, model_output=None, data=None, dp_group=None, student_logits=None, *,
+                       distill: DistillConfig):
+    """verl actor loss (``ppo_loss`` signature plus the bound ``distill`` config).
+
+    With ``student_logits`` it is verl's logits-processor call (``divergence=topk_tail`` only): it returns the
+    per-token top-k + tail reverse KL, which the engine hands back in ``model_output`` for the loss call.
+    """
+    if student_logits is not None:
+        if distill.divergence != "topk_tail":
+            return {}
+        return student_topk_tail_kl(student_logits, data)
     pg_loss, metrics = ppo_loss(config, model_output, data, dp_group)
     loss = pg_loss if distill.policy_gradient else pg_loss * 0.0
     if not distill.enabled:
@@ -92,7 +106,19 @@ def hindsight_ppo_loss(config, model_output, data, dp_group=None, *, distill: Di
     if teacher.shape != log_prob.shape:
         raise RuntimeError(f"teacher_log_probs {tuple(teacher.shape)} and student log-probs {tuple(log_prob.shape)} "
                            "are not aligned; the hindsight stage wrote a wrong layout")
-    divergence = sampled_divergence(distill.divergence, log_prob, teacher, distill.jsd_beta)
+    if distill.divergence == "topk_tail":
+        if STUDENT_KL_KEY not in model_output:
+            raise RuntimeError("hindsight.distill.divergence=topk_tail but the engine did not run the top-k hook "
+                               "(the micro-batch lacked distillation_use_topk, or the engine uses fused kernels); "
+                               "the hindsight worker sets the flag: check trainer.v1.trainer_mode=hindsight and "
+                               "actor_rollout_ref.model.use_fused_kernels=false")
+        divergence = no_padding_2_padding(model_output[STUDENT_KL_KEY], data).float()
+        for key, name in ((STUDENT_MASS_KEY, "topk_student_mass"), (TEACHER_MASS_KEY, "topk_teacher_mass")):
+            mass = no_padding_2_padding(model_output[key], data).float()
+            metrics[f"hindsight/{name}"] = Metric(value=(mass * mask).sum() / mask.sum().clamp_min(1),
+                                                  aggregation=AggregationType.MEAN)
+    else:
+        divergence = sampled_divergence(distill.divergence, log_prob, teacher, distill.jsd_beta)
 
     step = int(tu.get_non_tensor_data(data, "hs_global_step", 0) or 0)
     num_targets = float(tu.get_non_tensor_data(data, "hs_num_targets", 0) or 0)

@@ -18,7 +18,9 @@ from verl_hindsight.hindsight.teacher_sequences import (
     DEFAULT_FEEDBACK_TEMPLATE,
     FeedbackRenderer,
     TargetTurn,
+    TopKScorer,
     map_back,
+    map_back_topk,
     plan_teacher_sequences,
 )
 
@@ -77,6 +79,7 @@ class Row:
     extra_fields: dict[str, Any]
     old_log_probs: list[float]
     is_padding: bool = False
+    response_mask: Optional[list[int]] = None  # 1 on generated tokens; needed by targets.span=message
 
 
 @dataclass
@@ -86,6 +89,8 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # (row index, turn) -> the feedback text the teacher saw there (targeted turns only)
     inserted_feedback: dict[tuple[int, int], str] = field(default_factory=dict)
+    # with a top-k scorer: per row, the teacher's top-k (ids, log-probs), each (response_len, k), zeros elsewhere
+    teacher_topk: Optional[list[tuple[Any, Any]]] = None
 
 
 def _dataclass_from(cls, block: Optional[dict]):
@@ -163,6 +168,13 @@ class HindsightSettings:
         if self.enable and estimator != "serl" and not self.distill.enabled:
             raise ValueError("hindsight.enable=true but nothing uses the teacher: set algorithm.adv_estimator=serl "
                              "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
+        if self.distill.enabled and self.distill.divergence == "topk_tail":
+            actor = config.get("actor_rollout_ref", {}).get("actor", {}) if hasattr(config, "get") else {}
+            strategy = str(actor.get("strategy", "fsdp")) if actor is not None else "fsdp"
+            if strategy not in ("fsdp", "fsdp2"):
+                raise ValueError(f"hindsight.distill.divergence=topk_tail runs in the FSDP engine's logits hook; "
+                                 f"actor_rollout_ref.actor.strategy={strategy} is not supported (its logits are "
+                                 "vocab-sharded): use divergence=k3 there")
         source = self.feedback.source.split("+")
         if "analyzer" in source and self.analyzer_role != "analyzer":
             raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")
@@ -182,9 +194,29 @@ def analyzer_picks_of(trajectories: list[Trajectory]) -> dict[int, list[int]]:
     return picks
 
 
+def _scored_span(row: Row, turn, span: str) -> tuple[int, int]:
+    """Response positions [start, end) scored in a targeted turn: its action tokens, or its whole generated
+    message (the generated run that starts the turn: observation tokens after it have response_mask 0)."""
+    if span == "action":
+        return turn.action_span[0], turn.action_span[1]
+    if row.response_mask is None:
+        raise ValueError("hindsight.targets.span=message needs each row's response_mask (the trainer passes it)")
+    start = end = turn.response_span[0]
+    while end < len(row.response_mask) and row.response_mask[end]:
+        end += 1
+    return start, max(end, turn.action_span[1])
+
+
 def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config: TeacherConfig,
-              renderer: FeedbackRenderer, scorer: Callable[[list[list[int]]], list[list[float]]],
-              judge_fn=None, analyzer_picks=None) -> StageResult:
+              renderer: FeedbackRenderer, scorer: Optional[Callable[[list[list[int]]], list[list[float]]]] = None,
+              judge_fn=None, analyzer_picks=None, topk_scorer: Optional[TopKScorer] = None,
+              topk: int = 0) -> StageResult:
+    """One batch's stage. ``scorer`` gives sampled-token teacher log-probs; ``topk_scorer`` (with ``topk``) gives
+    those plus the teacher's top-k at every position, for the top-k + tail distillation loss."""
+    if (scorer is None) == (topk_scorer is None):
+        raise ValueError("run_stage needs exactly one of scorer / topk_scorer")
+    if topk_scorer is not None and topk < 1:
+        raise ValueError(f"run_stage with a topk_scorer needs topk >= 1, got {topk}")
     from verl_hindsight.hindsight.feedback import compute_feedback
     from verl_hindsight.hindsight.targets import select_targets, target_metrics
 
@@ -206,7 +238,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
         by_turn = {t.turn: t for t in traj.turns}
         first = min(by_turn)
         picked = [TargetTurn(t, by_turn[first if teacher_config.insert_at == "episode_start" else t].response_span[0],
-                             by_turn[t].action_span[0], by_turn[t].action_span[1], feedback.get((local, t), ""))
+                             *_scored_span(row, by_turn[t], target_config.span), feedback.get((local, t), ""))
                   for t in turn_ids if by_turn[t].action_span]
         if not picked:
             continue
@@ -221,8 +253,19 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
 
     sequences = [s.token_ids for p in plans.values() for s in p.sequences]
     start = time.perf_counter()
-    scores = scorer(sequences) if sequences else []
+    topk_scores = None
+    if topk_scorer is not None:
+        topk_scores = topk_scorer(sequences) if sequences else []
+        scores = [s.log_probs for s in topk_scores]
+    else:
+        scores = scorer(sequences) if sequences else []
     teacher_time = time.perf_counter() - start
+    teacher_topk = None
+    if topk_scorer is not None:
+        import torch
+
+        teacher_topk = [(torch.zeros((len(r.response_ids), topk), dtype=torch.long),
+                         torch.zeros((len(r.response_ids), topk), dtype=torch.float32)) for r in rows]
 
     teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
     mask_rows = [[0] * len(r.response_ids) for r in rows]
@@ -231,7 +274,11 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
     for index, plan in plans.items():
         row = rows[index]
         n = len(plan.sequences)
-        teacher, mask = map_back(plan, scores[cursor:cursor + n], len(row.response_ids), row.action_mask)
+        scored_mask = row.action_mask if target_config.span == "action" else row.response_mask
+        teacher, mask = map_back(plan, scores[cursor:cursor + n], len(row.response_ids), scored_mask)
+        if teacher_topk is not None:
+            teacher_topk[index] = map_back_topk(plan, topk_scores[cursor:cursor + n], len(row.response_ids), topk,
+                                                scored_mask)
         cursor += n
         teacher_rows[index], mask_rows[index] = teacher, mask
         gaps += [teacher[i] - row.old_log_probs[i] for i, m in enumerate(mask) if m]
@@ -266,4 +313,4 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
         success = sum(successes) / len(successes) if successes else 0.0
         metrics["hindsight/teacher_collapse"] = float(
             metrics["hindsight/gap_abs_mean"] < teacher_config.collapse_gap and success < teacher_config.collapse_success)
-    return StageResult(teacher_rows, mask_rows, metrics, inserted)
+    return StageResult(teacher_rows, mask_rows, metrics, inserted, teacher_topk)

@@ -22,8 +22,14 @@ class TargetConfig:
     turns: str = "with_feedback"  # see TURN_MODES
     k: int = 3  # analyzer_topk: at most this many turns per trajectory (HINT-SD multi: 3)
     trajectories: str = "all"  # "failed": unsuccessful rollouts only (HINT-SD); "all" (SERL)
+    # which tokens of a targeted turn: "action" = the action tokens only (SERL's placement); "message" = every
+    # token the policy generated in that turn (HINT-SD's released loss covers the step's whole response; on the
+    # toy corridor it also anchors the <action> format tokens to the teacher, see recipes/cpu/toy_hint_sd.yaml)
+    span: str = "action"
 
     def __post_init__(self):
+        if self.span not in ("action", "message"):
+            raise ValueError(f"hindsight.targets.span must be 'action' or 'message', got {self.span!r}")
         if self.turns not in TURN_MODES:
             raise ValueError(f"hindsight target turns must be one of {TURN_MODES}, got {self.turns!r}")
         if self.trajectories not in TRAJECTORY_MODES:

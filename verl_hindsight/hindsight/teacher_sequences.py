@@ -33,6 +33,18 @@ DEFAULT_FEEDBACK_TEMPLATE = "Consider the following feedback to solve this step:
 Scorer = Callable[[list[list[int]]], list[list[float]]]
 
 
+@dataclass
+class TopKScores:
+    """A top-k scorer's answer for one sequence of n tokens (positions j = 1..n-1, like a scorer's)."""
+
+    log_probs: list[float]  # log p(x_j | x_<j)
+    topk_ids: "object"  # (n-1, k) int64 tensor: the k most likely tokens at each position
+    topk_log_probs: "object"  # (n-1, k) fp32 tensor: their log-probs
+
+
+TopKScorer = Callable[[list[list[int]]], list[TopKScores]]
+
+
 @dataclass(frozen=True)
 class TargetTurn:
     """One turn to distil: where its assistant message and its action sit in the response, and its feedback."""
@@ -155,6 +167,43 @@ def map_back(plan: SplicePlan, scores: list[list[float]], response_length: int,
             teacher[i] = float(seq_scores[j - 1])
             mask[i] = 1
     return teacher, mask
+
+
+def map_back_topk(plan: SplicePlan, scores: list[TopKScores], response_length: int, k: int,
+                  action_mask: Optional[Sequence[int]] = None):
+    """Per-response-token teacher top-k (ids, log-probs), each (response_length, k); zeros where not targeted."""
+    import torch
+
+    ids = torch.zeros((response_length, k), dtype=torch.long)
+    lps = torch.zeros((response_length, k), dtype=torch.float32)
+    for seq, scored in zip(plan.sequences, scores):
+        if tuple(scored.topk_ids.shape) != (len(seq.token_ids) - 1, k):
+            raise ValueError(f"top-k scorer returned {tuple(scored.topk_ids.shape)} for a sequence of "
+                             f"{len(seq.token_ids)} tokens with k={k}")
+        for i, j in seq.positions:
+            if i >= response_length or (action_mask is not None and not action_mask[i]):
+                continue
+            ids[i] = scored.topk_ids[j - 1]
+            lps[i] = scored.topk_log_probs[j - 1]
+    return ids, lps
+
+
+def transformers_topk_scorer(model, k: int) -> TopKScorer:
+    """Top-k scores with a plain transformers forward (the reference the worker pass is tested against)."""
+    import torch
+
+    @torch.no_grad()
+    def score(sequences: list[list[int]]) -> list[TopKScores]:
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([seq], device=next(model.parameters()).device)
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            top_lp, top_ids = logp.topk(k, dim=-1)
+            out.append(TopKScores(logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist(), top_ids.cpu(),
+                                  top_lp.cpu()))
+        return out
+
+    return score
 
 
 def transformers_scorer(model) -> Scorer:

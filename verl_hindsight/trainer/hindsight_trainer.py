@@ -208,6 +208,23 @@ class HindsightTrainer(PPOTrainerSync):
         return worker_scorer(self.actor_rollout_wg.compute_log_prob, temperature=temperature, dp_size=dp,
                              micro_batch_size=micro, extra_meta=extra)
 
+    def _teacher_topk_scorer(self):
+        """The teacher's top-k through the same worker passes as :meth:`_teacher_scorer` (``topk_tail`` loss)."""
+        from verl_hindsight.trainer.teacher_pass import worker_topk_scorer
+
+        arr = self.config.actor_rollout_ref
+        on_ref = self.hs.teacher.uses_reference_model and not self.ref_in_actor
+        block = arr.ref if on_ref else arr.rollout
+        micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
+        extra = {"no_lora_adapter": True} if self.hs.teacher.uses_reference_model and not on_ref else None
+        call = self.actor_rollout_wg.hs_compute_ref_topk if on_ref else self.actor_rollout_wg.hs_compute_actor_topk
+        return worker_topk_scorer(call, k=self.hs.distill.topk, temperature=arr.rollout.temperature,
+                                  dp_size=self.actor_rollout_wg.world_size, micro_batch_size=micro, extra_meta=extra)
+
+    @property
+    def _uses_topk(self) -> bool:
+        return self.hs.distill.enabled and self.hs.distill.divergence == "topk_tail"
+
     def _renderer(self):
         if getattr(self, "_hs_renderer", None) is None:
             from verl.utils import hf_tokenizer
@@ -236,10 +253,11 @@ class HindsightTrainer(PPOTrainerSync):
         is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
         rows = [
             Row(uid=str(uid), prompt_ids=p.tolist(), response_ids=r.tolist(), action_mask=a.tolist(),
-                extra_fields=e if isinstance(e, dict) else {}, old_log_probs=o.float().tolist(), is_padding=pad)
-            for uid, p, r, a, o, e, pad in zip(uids, _rows(data["prompts"]), _rows(data["responses"]),
-                                               _rows(data["action_mask"]), _rows(data["old_log_probs"]), extra,
-                                               is_padding)
+                extra_fields=e if isinstance(e, dict) else {}, old_log_probs=o.float().tolist(), is_padding=pad,
+                response_mask=m.tolist())
+            for uid, p, r, a, o, e, pad, m in zip(uids, _rows(data["prompts"]), _rows(data["responses"]),
+                                                  _rows(data["action_mask"]), _rows(data["old_log_probs"]), extra,
+                                                  is_padding, _rows(data["response_mask"]))
         ]
         metrics = answer_metrics([e for e, pad in zip(extra, is_padding) if not pad])
         teacher = self.hs.teacher
@@ -247,9 +265,12 @@ class HindsightTrainer(PPOTrainerSync):
             rollout = self.config.actor_rollout_ref.rollout
             teacher = dataclasses.replace(teacher, max_length=int(rollout.prompt_length + rollout.response_length))
         if self._stage_active():
+            scorers = ({"topk_scorer": self._teacher_topk_scorer(), "topk": self.hs.distill.topk} if self._uses_topk
+                       else {"scorer": self._teacher_scorer()})
             result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
-                               teacher_config=teacher, renderer=self._renderer(), scorer=self._teacher_scorer())
+                               teacher_config=teacher, renderer=self._renderer(), **scorers)
             teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
+            topk_rows = result.teacher_topk
             metrics.update(result.metrics)
             self._hs_feedback = result.inserted_feedback
             metrics["hindsight/stage_active"] = 1.0
@@ -257,6 +278,7 @@ class HindsightTrainer(PPOTrainerSync):
             # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into GRPO")
             teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
             mask_rows = [[0] * len(r.response_ids) for r in rows]
+            topk_rows = None
             metrics["hindsight/stage_active"] = 0.0
             self._hs_feedback = {}
         if teacher.log_probe:
@@ -264,8 +286,19 @@ class HindsightTrainer(PPOTrainerSync):
             metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
         self._hs_num_targets = int(sum(map(sum, mask_rows)))
         self._hs_num_rows = len(rows)
-        out = TensorDict({"teacher_log_probs": _nested(teacher_rows, torch.float32),
-                          "hindsight_mask": _nested(mask_rows, torch.int64)}, batch_size=len(rows))
+        columns = {"teacher_log_probs": _nested(teacher_rows, torch.float32),
+                   "hindsight_mask": _nested(mask_rows, torch.int64)}
+        if self._uses_topk:
+            from verl_hindsight.algo.topk_distill import TEACHER_TOPK_IDS, TEACHER_TOPK_LOG_PROBS
+
+            k = self.hs.distill.topk
+            if topk_rows is None:  # stage inactive: the student's top-k hook still reads the columns
+                topk_rows = [(torch.zeros((len(r.response_ids), k), dtype=torch.long),
+                              torch.zeros((len(r.response_ids), k))) for r in rows]
+            columns[TEACHER_TOPK_IDS] = torch.nested.as_nested_tensor([i for i, _ in topk_rows], layout=torch.jagged)
+            columns[TEACHER_TOPK_LOG_PROBS] = torch.nested.as_nested_tensor([lp for _, lp in topk_rows],
+                                                                            layout=torch.jagged)
+        out = TensorDict(columns, batch_size=len(rows))
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
         return metrics
 

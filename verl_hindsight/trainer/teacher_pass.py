@@ -20,6 +20,31 @@ def _nested(rows: list[list[int]]) -> torch.Tensor:
     return torch.nested.as_nested_tensor([torch.tensor(r, dtype=torch.int64) for r in rows], layout=torch.jagged)
 
 
+def _batch(sequences: list[list[int]], multiple: int, meta: dict):
+    """The scoring TensorDict (padded with 2-token dummies to ``multiple`` rows) and its response mask."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    short = [i for i, s in enumerate(sequences) if len(s) < 2]
+    if short:
+        raise ValueError(f"teacher sequences {short[:3]} have fewer than 2 tokens; nothing to score")
+    padded = list(sequences) + [list(sequences[0][:2])] * ((-len(sequences)) % multiple)
+    response_mask = _nested([[1] * (len(s) - 1) for s in padded])
+    td = TensorDict(
+        {
+            "input_ids": _nested(padded),
+            "position_ids": _nested([list(range(len(s))) for s in padded]),
+            "prompts": _nested([s[:1] for s in padded]),
+            "responses": _nested([s[1:] for s in padded]),
+            "response_mask": response_mask,
+            "loss_mask": response_mask,
+        },
+        batch_size=len(padded),
+    )
+    tu.assign_non_tensor(td, calculate_entropy=False, **meta)
+    return td, response_mask
+
+
 def worker_scorer(call: Callable, *, temperature: float, dp_size: int = 1, micro_batch_size: int | None = None,
                   extra_meta: dict | None = None):
     """A scorer backed by a verl worker-group method (``actor_rollout_wg.compute_log_prob`` or the ref's).
@@ -29,35 +54,44 @@ def worker_scorer(call: Callable, *, temperature: float, dp_size: int = 1, micro
     ``dp_size * micro_batch_size`` with 2-token dummies (cheap), whose scores are dropped.
     """
     multiple = max(1, dp_size) * max(1, micro_batch_size or 1)
-    from tensordict import TensorDict
-    from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import response_from_nested
 
     def score(sequences: list[list[int]]) -> list[list[float]]:
         if not sequences:
             return []
-        short = [i for i, s in enumerate(sequences) if len(s) < 2]
-        if short:
-            raise ValueError(f"teacher sequences {short[:3]} have fewer than 2 tokens; nothing to score")
-        n = len(sequences)
-        padded = list(sequences) + [list(sequences[0][:2])] * ((-n) % multiple)
-        response_mask = _nested([[1] * (len(s) - 1) for s in padded])
-        td = TensorDict(
-            {
-                "input_ids": _nested(padded),
-                "position_ids": _nested([list(range(len(s))) for s in padded]),
-                "prompts": _nested([s[:1] for s in padded]),
-                "responses": _nested([s[1:] for s in padded]),
-                "response_mask": response_mask,
-                "loss_mask": response_mask,
-            },
-            batch_size=len(padded),
-        )
-        tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False, temperature=temperature,
-                             **(extra_meta or {}))
+        td, response_mask = _batch(sequences, multiple, dict(compute_loss=False, temperature=temperature,
+                                                             **(extra_meta or {})))
         out = call(td)
         log_probs = response_from_nested(out["log_probs"], response_mask)
-        rows = [row.float().tolist() for row in log_probs.unbind(0)]
-        return rows[:n]
+        return [row.float().tolist() for row in log_probs.unbind(0)][:len(sequences)]
+
+    return score
+
+
+def worker_topk_scorer(call: Callable, *, k: int, temperature: float, dp_size: int = 1,
+                       micro_batch_size: int | None = None, extra_meta: dict | None = None):
+    """Like :func:`worker_scorer`, through ``hs_compute_ref_topk`` / ``hs_compute_actor_topk``: each sequence's
+    sampled-token log-probs plus the teacher's top-k ids and log-probs at every position."""
+    multiple = max(1, dp_size) * max(1, micro_batch_size or 1)
+    from verl.workers.utils.padding import response_from_nested
+
+    from verl_hindsight.algo.topk_distill import stack_topk
+    from verl_hindsight.hindsight.teacher_sequences import TopKScores
+
+    def score(sequences: list[list[int]]) -> list[TopKScores]:
+        if not sequences:
+            return []
+        td, response_mask = _batch(sequences, multiple, dict(temperature=temperature, hs_topk=k,
+                                                             **(extra_meta or {})))
+        out = call(td)
+        columns = {}
+        for name in out.keys():
+            if name.startswith("hs_topk_") or name == "log_probs":
+                column = response_from_nested(out[name], response_mask)
+                columns[name] = column.to_padded_tensor(0.0) if column.is_nested else column
+        ids, lps = stack_topk(columns, k)
+        lengths = [len(s) - 1 for s in sequences]
+        return [TopKScores(columns["log_probs"][i, :n].float().tolist(), ids[i, :n], lps[i, :n])
+                for i, n in enumerate(lengths)]
 
     return score

@@ -10,7 +10,12 @@ it (same architecture and sharding as the actor, forward-only, optionally CPU-of
   teacher survives a resume (verl saves only the actor);
 - ``hs_teacher_checksum()``: a cheap fingerprint of the teacher weights, for tests and logs;
 - ``hs_install_distill_loss(distill)``: wraps the actor loss verl built (``ppo_loss`` bound to the worker's own
-  ``ActorConfig``) with the hindsight distillation term.
+  ``ActorConfig``) with the hindsight distillation term;
+- ``hs_compute_ref_topk`` / ``hs_compute_actor_topk``: the teacher's top-k log-probs at every position, through the
+  same forward pass as ``compute_ref_log_prob`` / ``compute_log_prob`` and verl's top-k logits hook
+  (:mod:`verl_hindsight.algo.topk_distill`);
+- ``update_actor``: verl's, with the micro-batches flagged ``distillation_use_topk`` when the distillation term is
+  the top-k + tail reverse KL (the trainer's own flag follows verl's ``distillation`` block, which is off here).
 
 Selected by the hindsight trainer in place of ``ActorRolloutRefWorker`` (``_init_resource_pool_mgr``), the way verl
 itself picks worker classes; nothing in verl is patched.
@@ -22,7 +27,8 @@ import os
 from functools import partial
 
 import torch
-from verl.single_controller.base.decorator import Dispatch, register
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 
@@ -57,6 +63,41 @@ class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
                                "(distillation.enabled); turn one of them off")
         self.loss_fn = partial(hindsight_ppo_loss, config=base.keywords["config"], distill=distill)
         self.actor.set_loss_fn(self.loss_fn)
+        self._hs_topk_student = distill.divergence == "topk_tail"
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def update_actor(self, data):
+        if getattr(self, "_hs_topk_student", False):
+            tu.assign_non_tensor(data, distillation_use_topk=True)
+        return super().update_actor(data)
+
+    def _topk_pass(self, worker, data, k: int):
+        """One forward of ``worker`` (actor or ref TrainingWorker) returning the top-k columns instead of losses."""
+        from verl_hindsight.algo.topk_distill import teacher_topk_outputs
+
+        if worker is None:
+            raise RuntimeError(f"this worker (role {self.role!r}) has no model for the teacher's top-k pass")
+        if getattr(worker.engine_config, "use_fused_kernels", False):
+            raise RuntimeError("hindsight.distill.divergence=topk_tail needs the logits (fused kernels never "
+                               "materialize them): set actor_rollout_ref.model.use_fused_kernels=false")
+        saved = worker.loss_fn
+        worker.set_loss_fn(partial(teacher_topk_outputs, k=k))
+        try:
+            tu.assign_non_tensor(data, compute_loss=True, distillation_use_topk=True)
+            output = worker.infer_batch(data)
+        finally:
+            worker.set_loss_fn(saved)
+        return output.cpu() if output is not None else None
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
+    def hs_compute_ref_topk(self, data):
+        """The reference model's (frozen/EMA/lagged teacher's) top-k log-probs; ``k`` rides in the batch."""
+        return self._topk_pass(self.ref, data, int(tu.get_non_tensor_data(data, "hs_topk", 8)))
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def hs_compute_actor_topk(self, data):
+        """The current policy's (live teacher's) top-k log-probs."""
+        return self._topk_pass(self.actor, data, int(tu.get_non_tensor_data(data, "hs_topk", 8)))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def hs_update_teacher(self, mix: float) -> float:
