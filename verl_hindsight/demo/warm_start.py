@@ -19,21 +19,29 @@ from verl_hindsight.envs.toy import KeyDoorCorridor
 from verl_hindsight.hindsight.teacher_sequences import DEFAULT_FEEDBACK_TEMPLATE
 
 
-def _episode(env: KeyDoorCorridor, rng: random.Random, hint_prob: float) -> list[dict]:
+def _episode(env: KeyDoorCorridor, rng: random.Random, hint_prob: float,
+             unhinted_target: str = "random") -> list[dict]:
     task = rng.choice(env.task_ids("train"))
     obs = env.reset(task)
     colours = task.split("-")
     rule = dict(zip(env.colours, rng.sample(list(env.keys), len(env.keys))))  # random, not the hidden rule
     messages = initial_messages(env.instructions, obs.text)
     n_turns = rng.randint(1, env.n_doors)
+    hinted: set[str] = set()
     for t in range(n_turns):
         if rng.random() < hint_prob:
             hint = f"wrong key: the {colours[t]} door opens with {rule[colours[t]]}"
             messages.append({"role": "user", "content": DEFAULT_FEEDBACK_TEMPLATE.format(feedback=hint)})
             key = rule[colours[t]]
+            unlabelled = False
+            hinted.add(colours[t])
+        elif unhinted_target == "recall" and colours[t] in hinted:
+            # an earlier hint in this episode named this colour's key: answering it needs the colour
+            key, unlabelled = rule[colours[t]], False
         else:
             key = rng.choice(env.keys)
-        messages.append({"role": "assistant", "content": f"<action>{key}</action>"})
+            unlabelled = unhinted_target == "none"
+        messages.append({"role": "assistant", "content": f"<action>{key}</action>", "no_key_label": unlabelled})
         if t < n_turns - 1:
             messages.append({"role": "user", "content": f"Door {t + 2} of {env.n_doors} is {colours[t + 1]}."})
     return messages
@@ -42,18 +50,32 @@ def _episode(env: KeyDoorCorridor, rng: random.Random, hint_prob: float) -> list
 def _tokenize(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Ids of the rendered conversation and labels on the assistant answers only (not the generation prompt)."""
     head = len(tok.encode("<|im_start|>assistant\n", add_special_tokens=False))
+    key_at = head + len(tok.encode("<action>", add_special_tokens=False))
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     ids, labels = [], []
     for i, m in enumerate(messages):
-        prefix = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
-        full = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = tok.apply_chat_template(plain[:i], tokenize=False) if i else ""
+        full = tok.apply_chat_template(plain[: i + 1], tokenize=False)
         piece = tok.encode(full[len(prefix):], add_special_tokens=False)
         ids += piece
-        labels += ([-100] * head + piece[head:]) if m["role"] == "assistant" else [-100] * len(piece)
+        if m["role"] != "assistant":
+            labels += [-100] * len(piece)
+            continue
+        label = [-100] * head + piece[head:]
+        if m.get("no_key_label"):
+            label[key_at] = -100  # the format is taught, the key of an un-hinted turn is not
+        labels += label
     return ids, labels
 
 
 def warm_start(model_dir, out_dir, steps: int = 300, seed: int = 0, lr: float = 3e-3, hint_prob: float = 0.5,
-               batch_size: int = 16, env_kwargs: dict | None = None, progress=None) -> str:
+               batch_size: int = 16, env_kwargs: dict | None = None, progress=None,
+               unhinted_target: str = "random") -> str:
+    """``unhinted_target``: ``random`` trains un-hinted turns on a uniformly random key (the toy study's warm start:
+    a uniform starting policy, but it teaches the model that the colour is irrelevant, which costs plasticity);
+    ``none`` trains only their format tokens."""
+    if unhinted_target not in ("random", "none", "recall"):
+        raise ValueError(f"unhinted_target must be 'random' or 'none', got {unhinted_target!r}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,7 +86,7 @@ def warm_start(model_dir, out_dir, steps: int = 300, seed: int = 0, lr: float = 
     env = KeyDoorCorridor(**(env_kwargs or {}))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
-        batch = [_tokenize(tok, _episode(env, rng, hint_prob)) for _ in range(batch_size)]
+        batch = [_tokenize(tok, _episode(env, rng, hint_prob, unhinted_target)) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
