@@ -19,6 +19,7 @@ from verl_hindsight.hindsight.teacher_sequences import (
     FeedbackRenderer,
     TargetTurn,
     TopKScorer,
+    empty_topk,
     map_back,
     map_back_topk,
     plan_teacher_sequences,
@@ -262,10 +263,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
     teacher_time = time.perf_counter() - start
     teacher_topk = None
     if topk_scorer is not None:
-        import torch
-
-        teacher_topk = [(torch.zeros((len(r.response_ids), topk), dtype=torch.long),
-                         torch.zeros((len(r.response_ids), topk), dtype=torch.float32)) for r in rows]
+        teacher_topk = [empty_topk(len(r.response_ids), topk) for r in rows]
 
     teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
     mask_rows = [[0] * len(r.response_ids) for r in rows]

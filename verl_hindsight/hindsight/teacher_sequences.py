@@ -150,41 +150,51 @@ def plan_teacher_sequences(
     return plan
 
 
+def _scored_positions(plan: SplicePlan, scores: list, response_length: int,
+                      action_mask: Optional[Sequence[int]]):
+    """(sequence score, student response position i, teacher position j) for every token the plan maps back."""
+    for seq, seq_scores in zip(plan.sequences, scores):
+        for i, j in seq.positions:
+            if i >= response_length or (action_mask is not None and not action_mask[i]):
+                continue
+            yield seq_scores, i, j
+
+
 def map_back(plan: SplicePlan, scores: list[list[float]], response_length: int,
              action_mask: Optional[Sequence[int]] = None) -> tuple[list[float], list[int]]:
     """Per-response-token teacher log-probs and the hindsight mask (1 only on scored action tokens).
 
     ``scores[k][j - 1]`` is log p(token j | tokens < j) of sequence k.
     """
-    teacher = [0.0] * response_length
-    mask = [0] * response_length
     for seq, seq_scores in zip(plan.sequences, scores):
         if len(seq_scores) != len(seq.token_ids) - 1:
             raise ValueError(f"scorer returned {len(seq_scores)} log-probs for a sequence of {len(seq.token_ids)} tokens")
-        for i, j in seq.positions:
-            if i >= response_length or (action_mask is not None and not action_mask[i]):
-                continue
-            teacher[i] = float(seq_scores[j - 1])
-            mask[i] = 1
+    teacher = [0.0] * response_length
+    mask = [0] * response_length
+    for seq_scores, i, j in _scored_positions(plan, scores, response_length, action_mask):
+        teacher[i] = float(seq_scores[j - 1])
+        mask[i] = 1
     return teacher, mask
+
+
+def empty_topk(response_length: int, k: int):
+    """Top-k columns of a response without teacher: all-zero ids and log-probs (what the student hook skips)."""
+    import torch
+
+    return torch.zeros((response_length, k), dtype=torch.long), torch.zeros((response_length, k), dtype=torch.float32)
 
 
 def map_back_topk(plan: SplicePlan, scores: list[TopKScores], response_length: int, k: int,
                   action_mask: Optional[Sequence[int]] = None):
     """Per-response-token teacher top-k (ids, log-probs), each (response_length, k); zeros where not targeted."""
-    import torch
-
-    ids = torch.zeros((response_length, k), dtype=torch.long)
-    lps = torch.zeros((response_length, k), dtype=torch.float32)
     for seq, scored in zip(plan.sequences, scores):
         if tuple(scored.topk_ids.shape) != (len(seq.token_ids) - 1, k):
             raise ValueError(f"top-k scorer returned {tuple(scored.topk_ids.shape)} for a sequence of "
                              f"{len(seq.token_ids)} tokens with k={k}")
-        for i, j in seq.positions:
-            if i >= response_length or (action_mask is not None and not action_mask[i]):
-                continue
-            ids[i] = scored.topk_ids[j - 1]
-            lps[i] = scored.topk_log_probs[j - 1]
+    ids, lps = empty_topk(response_length, k)
+    for scored, i, j in _scored_positions(plan, scores, response_length, action_mask):
+        ids[i] = scored.topk_ids[j - 1]
+        lps[i] = scored.topk_log_probs[j - 1]
     return ids, lps
 
 

@@ -192,34 +192,37 @@ class HindsightTrainer(PPOTrainerSync):
         serl_on = self.serl is not None and self.serl.mixing(self.updates_done) > 0
         return serl_on or self.hs.distill.coef_at(self.updates_done) > 0
 
-    def _teacher_scorer(self):
-        from verl_hindsight.trainer.teacher_pass import worker_scorer
+    def _teacher_pass(self, topk: bool = False):
+        """The worker method that scores teacher sequences, and the scorer's keyword arguments.
 
-        arr = self.config.actor_rollout_ref
-        temperature = arr.rollout.temperature
-        dp = self.actor_rollout_wg.world_size
-        on_ref = self.hs.teacher.uses_reference_model and not self.ref_in_actor
-        block = arr.ref if on_ref else arr.rollout
-        micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
-        if on_ref:
-            return worker_scorer(self.actor_rollout_wg.compute_ref_log_prob, temperature=temperature, dp_size=dp,
-                                 micro_batch_size=micro)
-        extra = {"no_lora_adapter": True} if self.hs.teacher.uses_reference_model else None  # LoRA: base = ref
-        return worker_scorer(self.actor_rollout_wg.compute_log_prob, temperature=temperature, dp_size=dp,
-                             micro_batch_size=micro, extra_meta=extra)
-
-    def _teacher_topk_scorer(self):
-        """The teacher's top-k through the same worker passes as :meth:`_teacher_scorer` (``topk_tail`` loss)."""
-        from verl_hindsight.trainer.teacher_pass import worker_topk_scorer
-
+        frozen/EMA/lagged teachers are the reference model (``compute_ref_log_prob``; with LoRA the adapter-free
+        actor), the live one is the actor; ``topk`` picks the hindsight worker's top-k variant of the same pass.
+        """
         arr = self.config.actor_rollout_ref
         on_ref = self.hs.teacher.uses_reference_model and not self.ref_in_actor
         block = arr.ref if on_ref else arr.rollout
         micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
         extra = {"no_lora_adapter": True} if self.hs.teacher.uses_reference_model and not on_ref else None
-        call = self.actor_rollout_wg.hs_compute_ref_topk if on_ref else self.actor_rollout_wg.hs_compute_actor_topk
-        return worker_topk_scorer(call, k=self.hs.distill.topk, temperature=arr.rollout.temperature,
-                                  dp_size=self.actor_rollout_wg.world_size, micro_batch_size=micro, extra_meta=extra)
+        wg = self.actor_rollout_wg
+        if topk:
+            call = wg.hs_compute_ref_topk if on_ref else wg.hs_compute_actor_topk
+        else:
+            call = wg.compute_ref_log_prob if on_ref else wg.compute_log_prob
+        return call, dict(temperature=arr.rollout.temperature, dp_size=wg.world_size, micro_batch_size=micro,
+                          extra_meta=extra)
+
+    def _teacher_scorer(self):
+        from verl_hindsight.trainer.teacher_pass import worker_scorer
+
+        call, kwargs = self._teacher_pass()
+        return worker_scorer(call, **kwargs)
+
+    def _teacher_topk_scorer(self):
+        """The teacher's top-k through the same worker passes as :meth:`_teacher_scorer` (``topk_tail`` loss)."""
+        from verl_hindsight.trainer.teacher_pass import worker_topk_scorer
+
+        call, kwargs = self._teacher_pass(topk=True)
+        return worker_topk_scorer(call, k=self.hs.distill.topk, **kwargs)
 
     @property
     def _uses_topk(self) -> bool:
@@ -290,11 +293,11 @@ class HindsightTrainer(PPOTrainerSync):
                    "hindsight_mask": _nested(mask_rows, torch.int64)}
         if self._uses_topk:
             from verl_hindsight.algo.topk_distill import TEACHER_TOPK_IDS, TEACHER_TOPK_LOG_PROBS
+            from verl_hindsight.hindsight.teacher_sequences import empty_topk
 
             k = self.hs.distill.topk
             if topk_rows is None:  # stage inactive: the student's top-k hook still reads the columns
-                topk_rows = [(torch.zeros((len(r.response_ids), k), dtype=torch.long),
-                              torch.zeros((len(r.response_ids), k))) for r in rows]
+                topk_rows = [empty_topk(len(r.response_ids), k) for r in rows]
             columns[TEACHER_TOPK_IDS] = torch.nested.as_nested_tensor([i for i, _ in topk_rows], layout=torch.jagged)
             columns[TEACHER_TOPK_LOG_PROBS] = torch.nested.as_nested_tensor([lp for _, lp in topk_rows],
                                                                             layout=torch.jagged)
