@@ -83,6 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps, test_freq=args.test_freq,
                          warm_steps=args.warm_steps, ablations=args.ablations,
+                         stop_at=args.stop_at if args.stop_at > 0 else None, overrides=tuple(args.override or ()),
                          warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
     unknown = set(methods) - set(METHODS)
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1; 3 for the study)")
     demo.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
     demo.add_argument("--warm-steps", type=int, default=400, help="supervised warm-start steps (default 400)")
+    demo.add_argument("--stop-at", type=float, default=0.8,
+                      help="end a run at its first validation success >= this (default 0.8, the study's "
+                           "protocol; 0 trains every run for --steps)")
+    demo.add_argument("--override", action="append", metavar="KEY=VALUE",
+                      help="extra hydra override for every run, e.g. hindsight.distill.coef=2 (repeatable)")
     demo.add_argument("--methods", help="comma-separated subset of grpo,hint_sd,serl")
     demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",

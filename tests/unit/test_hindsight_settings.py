@@ -93,3 +93,27 @@ def test_every_shipped_recipe_composes_and_validates():
         if method in ("serl", "hint_sd", "hero"):
             assert settings.enable, path
         assert (str(cfg.algorithm.adv_estimator) == "serl") == (method == "serl"), path
+
+
+def test_stop_at_val_success_needs_a_fraction_and_validation():
+    base = {"enable": True, "distill": {"coef": 1.0}}
+    with pytest.raises(ValueError, match="stop_at_val_success must be in"):
+        HindsightSettings.from_config(_cfg(stop_at_val_success=80, **base))
+    with pytest.raises(ValueError, match="trainer.test_freq > 0"):
+        HindsightSettings.from_config(_cfg(stop_at_val_success=0.8, **base))
+    cfg = _cfg(stop_at_val_success=0.8, **base)
+    cfg.trainer = {"test_freq": 10}
+    assert HindsightSettings.from_config(cfg).stop_at_val_success == 0.8
+
+
+@pytest.mark.parametrize("step, success, total_after", [(30, 0.79, 100), (30, 0.8, 30), (1, 0.9, 1), (100, 1.0, 100)])
+def test_stopping_makes_the_validated_step_the_last(step, success, total_after):
+    """verl's loop runs while global_steps <= total_training_steps: lowering the total to the validated step ends
+    training after it (the trainer method itself, on a stand-in for the trainer's state)."""
+    from types import SimpleNamespace
+
+    from verl_hindsight.trainer.hindsight_trainer import HindsightTrainer
+
+    state = SimpleNamespace(hs=SimpleNamespace(stop_at_val_success=0.8), global_steps=step, total_training_steps=100)
+    HindsightTrainer._maybe_stop(state, success)
+    assert state.total_training_steps == total_after

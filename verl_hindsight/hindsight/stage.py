@@ -119,6 +119,9 @@ class HindsightSettings:
     # "actions": the policy-gradient advantage is zeroed outside action tokens, so reasoning/format tokens get no
     # PG update (the toy study's setting; it keeps a tiny model from losing its output format). "all": verl's way.
     advantage_tokens: str = "all"
+    # stop training at the first validation with hindsight/val_success >= this (the toy study's protocol: runs end
+    # at the first eval >= 0.8); null trains for trainer.total_training_steps
+    stop_at_val_success: Optional[float] = None
 
     @classmethod
     def from_config(cls, config) -> "HindsightSettings":
@@ -130,7 +133,7 @@ class HindsightSettings:
         block = config.get("hindsight", None) if hasattr(config, "get") else None
         block = dict(block) if block is not None else {}
         known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s",
-                 "dump_dir", "dump_rows", "advantage_tokens"}
+                 "dump_dir", "dump_rows", "advantage_tokens", "stop_at_val_success"}
         unknown = set(block) - known
         if unknown:
             raise ValueError(f"hindsight: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -151,6 +154,8 @@ class HindsightSettings:
             dump_dir=block.get("dump_dir"),
             dump_rows=int(block.get("dump_rows", 8)),
             advantage_tokens=str(block.get("advantage_tokens", "all")),
+            stop_at_val_success=(None if block.get("stop_at_val_success") is None
+                                 else float(block["stop_at_val_success"])),
         )
         settings.validate(config)
         return settings
@@ -159,6 +164,14 @@ class HindsightSettings:
         """Configs that would silently do nothing, or something else than asked, fail here with the fix."""
         if self.advantage_tokens not in ("all", "actions"):
             raise ValueError(f"hindsight.advantage_tokens must be 'all' or 'actions', got {self.advantage_tokens!r}")
+        if self.stop_at_val_success is not None:
+            if not 0.0 < self.stop_at_val_success <= 1.0:
+                raise ValueError(f"hindsight.stop_at_val_success must be in (0, 1] or null, got "
+                                 f"{self.stop_at_val_success}")
+            test_freq = config.get("trainer", {}).get("test_freq", -1) if hasattr(config, "get") else -1
+            if test_freq is None or int(test_freq) <= 0:
+                raise ValueError("hindsight.stop_at_val_success needs validation during training: set "
+                                 f"trainer.test_freq > 0 (got {test_freq})")
         algorithm = config.get("algorithm", {}) if hasattr(config, "get") else {}
         estimator = str(algorithm.get("adv_estimator", "")) if algorithm is not None else ""
         if estimator == "serl" and not self.enable:

@@ -414,7 +414,23 @@ class HindsightTrainer(PPOTrainerSync):
             found = [v for k, v in metrics.items() if k.startswith("val-aux/") and k.endswith("/success/mean@1")]
             if found:
                 metrics["hindsight/val_success"] = float(sum(found) / len(found))
+                self._maybe_stop(metrics["hindsight/val_success"])
         return metrics
+
+    def _maybe_stop(self, val_success: float) -> None:
+        """``hindsight.stop_at_val_success``: make the step just validated the last one.
+
+        verl's loop runs while ``global_steps <= total_training_steps`` and increments after logging, so lowering
+        the total to the current step ends training after this step's metrics are written (a validation before
+        training that already passes ends it after step 1)."""
+        target = self.hs.stop_at_val_success
+        if target is None or val_success < target:
+            return
+        stop = max(1, int(self.global_steps))
+        if stop < self.total_training_steps:
+            logger.warning("hindsight: validation success %.3f >= stop_at_val_success %.3f; stopping after step %d",
+                           val_success, target, stop)
+            self.total_training_steps = stop
 
     # ------------------------------------------------------------------ teacher weights
     def _update_teacher(self) -> dict[str, float]:
