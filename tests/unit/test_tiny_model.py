@@ -60,3 +60,19 @@ def test_cli_writes_model(tmp_path):
 
     assert main(["make-tiny-model", str(tmp_path / "m"), "--hidden-size", "32", "--seed", "1"]) == 0
     assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_untied_output_layer_is_its_own_matrix(tmp_path):
+    """--no-tie-word-embeddings (the demo's model): the output layer is a separate parameter that loads back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verl_hindsight.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--hidden-size", "32", "--no-tie-word-embeddings"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.tie_word_embeddings is False
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() != emb.data_ptr() and not torch.equal(head, emb)
+    tied = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "t", hidden_size=32))
+    assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
