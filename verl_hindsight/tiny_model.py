@@ -76,9 +76,9 @@ class TinyModelSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
-    # False gives the output layer its own matrix. The demo needs it: training answers on uniformly random keys
-    # drives the keys' output vectors together, and when they are also the input embeddings the model can no
-    # longer tell a hinted C from a hinted E (measured in docs/demo.md).
+    # False gives the output layer its own matrix. Tied, the demo's warm start (answers on uniformly random keys)
+    # pulled the keys' output vectors together and with them the input embeddings, so the model could no longer
+    # tell a hinted C from a hinted E (docs/demo.md); the demo does not use the untied model yet.
     tie_word_embeddings: bool = True
 
 
