@@ -103,6 +103,8 @@ async def test_text_loop_records_exact_spans(format_model):
         env = out.extra_fields["hs_env"]
         assert env["failure"] == "" and env["turns"] == len(turns) >= 1
         assert out.reward_score == pytest.approx(env["return"])
+        # the loop says why it stopped an episode the env had not ended
+        assert env["cut"] == ("" if turns[-1]["done"] else "response_length" if len(turns) < 6 else "max_turns")
         n_actions += sum(t["action"] is not None for t in turns)
         last = turns[-1]
         if last["done"] and not env["success"] and last["error"]:
@@ -124,6 +126,39 @@ async def test_response_length_truncation_clips_and_flags(format_model):
     out = await run_task(loop, "red-green-blue-red")
     turns = check_structure(loop, out)
     assert len(out.response_ids) <= 5 and turns[-1]["truncated"]
+    assert out.extra_fields["hs_env"]["cut"] == "response_length"
+
+
+def test_toy_recipe_budget_fits_a_perfect_episode(tiny_model_dir):
+    """The toy recipes' data.max_response_length holds a whole successful episode (every door's message and the
+    next door), rendered by the chat template the loop uses. At 96 tokens a four-door episode could not finish."""
+    from transformers import AutoTokenizer
+
+    from verl_hindsight.agent_loops.prompts import initial_messages
+    from verl_hindsight.envs import make_env
+
+    recipe = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes" / "cpu" / "toy_common.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    env = make_env("toy")
+    task = max(env.task_ids("train"), key=len)  # the longest colour names
+    obs = env.reset(task)
+    messages = initial_messages(env.instructions, obs.text)
+    prompt = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False)
+    done = False
+    while not done:
+        key = env.oracle_action()
+        messages.append({"role": "assistant", "content": f"<action>{key}</action>"})
+        step = env.step(key)
+        done = step.done
+        if not done:
+            messages.append({"role": "user", "content": step.observation})
+    assert step.info["success"]
+    full = tok.encode(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    assert full[:len(prompt)] == prompt
+    response_tokens = len(full) - len(prompt)
+    assert response_tokens > 96  # the old budget: the last door could not be answered
+    assert response_tokens <= recipe.data.max_response_length
 
 
 async def test_env_failures_become_data(format_model, monkeypatch):

@@ -123,11 +123,16 @@ def test_toy_rule_needs_every_door_and_wrong_key_is_informative():
     assert res.info["error"] == f"wrong key: the {colour} door opens with {right}"
     env.reset(task)
     first = env.step(right)
-    assert not first.done and first.reward == 0.0
-    env.step(env.oracle_action())
-    res2 = env.step(wrong if env.rule[task.split('-')[2]] != wrong else right)
-    # partial reward: doors opened / n_doors
-    assert res2.done and res2.reward in (2 / 3, 1.0)
+    # partial reward: 1/3 per door as it opens (the return is doors opened / 3, also for a cut episode)
+    assert not first.done and first.reward == pytest.approx(1 / 3)
+    assert env.step(env.oracle_action()).reward == pytest.approx(1 / 3)
+    third = task.split("-")[2]
+    other = next(k for k in env.keys if k != env.rule[third])
+    res2 = env.step(other)
+    assert res2.done and res2.reward == 0.0 and not res2.info["success"]
+    env.reset(task)
+    rewards = [env.step(env.oracle_action()).reward for _ in range(3)]
+    assert sum(rewards) == pytest.approx(1.0) and env._done
 
 
 def test_toy_binary_reward_and_invalid_key():
@@ -136,9 +141,9 @@ def test_toy_binary_reward_and_invalid_key():
     env.reset(task)
     inv = env.step("Z")
     assert not inv.done and inv.info["invalid_action"] and "unknown key 'Z'" in inv.observation
-    env.step(env.oracle_action())
+    assert env.step(env.oracle_action()).reward == 0.0  # partial would pay 0.5 for this door
     wrong = next(k for k in env.keys if k != env.oracle_action())
-    assert env.step(wrong).reward == 0.0  # one door of two: partial would give 0.5
+    assert env.step(wrong).reward == 0.0
 
 
 @pytest.mark.parametrize("kwargs, match", [({"n_colours": 1}, "n_colours"), ({"reward": "dense"}, "reward"),

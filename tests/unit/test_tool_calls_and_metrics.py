@@ -89,3 +89,22 @@ def test_rollout_record_metrics_count_spans_and_failures():
     assert padded == m  # verl's synthetic padding rows copy a real row's fields: they are left out
     missing = rollout_record_metrics(None, response_mask, [{}, {}])
     assert missing["hindsight/rows_with_action_mask"] == 0.0 and missing["hindsight/rows_with_turn_records"] == 0.0
+
+
+def test_episodes_cut_by_the_token_budget_are_counted_and_warned_once(caplog):
+    from verl_hindsight.trainer import hindsight_trainer
+
+    def env(cut):
+        return {"hs_turns": [{}], "hs_env": {"success": False, "return": 0.25, "turns": 3, "invalid_actions": 0,
+                                             "failure": "", "cut": cut}}
+
+    mask = [torch.tensor([1, 1])] * 4
+    hindsight_trainer._budget_warned = False
+    with caplog.at_level("WARNING", logger=hindsight_trainer.__name__):
+        m = hindsight_trainer.rollout_record_metrics(
+            mask, mask, [env("response_length"), env("max_turns"), env(""), env("response_length")])
+        again = hindsight_trainer.rollout_record_metrics(mask, mask, [env("response_length")] * 4)
+    assert m["hindsight/episode_cut/response_length"] == 0.5 and m["hindsight/episode_cut/max_turns"] == 0.25
+    assert again["hindsight/episode_cut/response_length"] == 1.0
+    warnings = [r.getMessage() for r in caplog.records if "data.max_response_length" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("50% of this step's episodes")

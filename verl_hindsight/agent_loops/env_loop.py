@@ -86,9 +86,18 @@ class TurnAction:
     display: Optional[str] = None  # human-readable action for the records
 
 
+def _cut_reason(episode_over: bool, turns: int, max_turns: int) -> str:
+    """Why the loop stopped an episode the environment had not ended: "" (it had ended, or the env failed),
+    "max_turns", or "response_length" (the token budget ran out first). A cut episode's return holds only the
+    steps taken, so a budget too small for a whole episode caps what any policy can earn."""
+    if episode_over:
+        return ""
+    return "max_turns" if turns >= max_turns else "response_length"
+
+
 def new_summary(env_name: str, task_id: str) -> dict[str, Any]:
     return {"env": env_name, "task_id": task_id, "success": False, "return": 0.0, "turns": 0, "invalid_actions": 0,
-            "failure": "", "failure_detail": ""}
+            "failure": "", "failure_detail": "", "cut": ""}
 
 
 class HindsightAgentLoopOutput(AgentLoopOutput):
@@ -234,6 +243,7 @@ class EnvAgentLoopBase(AgentLoopBase):
         turns: list[dict[str, Any]] = []
         steps_seen: list[Any] = []
 
+        over = False
         for index in range(s.max_turns):
             budget = self.response_length - len(response_mask)
             if budget <= 0:
@@ -268,6 +278,7 @@ class EnvAgentLoopBase(AgentLoopBase):
             anchor = result.info.get("anchor", result.observation)
 
         summary["turns"] = len(turns)
+        summary["cut"] = _cut_reason(over, len(turns), s.max_turns)
         known_steps = [x for x in steps_seen if x is not None]
         answers = await self._answer(turns, summary)
         return self._build_output(prompt_ids, runtime_ids, response_mask, response_logprobs, turns, summary,
@@ -320,6 +331,7 @@ class EnvAgentLoopBase(AgentLoopBase):
             history.append((observation, action.display or action.payload or text))
             observation, anchor = result.observation, result.info.get("anchor", result.observation)
         summary["turns"] = len(rows)
+        summary["cut"] = _cut_reason(over if rows else True, len(rows), s.max_turns)
         answers = await self._answer([r[3] for r in rows], summary)
         outputs = []
         for k, (prompt_ids, gen_ids, logprobs, record, steps) in enumerate(rows):

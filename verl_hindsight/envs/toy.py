@@ -6,7 +6,8 @@ fixed by ``rule_seed``, shared by all tasks). Each turn shows one door ("Door 2 
 key letter. A wrong key ends the episode with an informative error ("wrong key: the blue door opens with D"),
 which is exactly the hindsight a teacher can use. Success only if every door opens.
 
-Rewards: ``partial`` (default) = doors opened / n_doors at the end; ``binary`` = 1 only if all doors open.
+Rewards: ``partial`` (default) = 1 / n_doors for each door as it opens, so the return is doors opened / n_doors
+even for an episode the agent loop cuts short; ``binary`` = 1 only when the last door opens.
 A task is its colour sequence (the task id spells it, e.g. ``red-blue-red-green``); train and validation task
 sets are disjoint, fixed and deterministic given ``task_seed``. The oracle policy is the hidden rule.
 """
@@ -80,10 +81,13 @@ class KeyDoorCorridor(Environment):
         text = self._door_text()
         return Observation(text, {"anchor": text, "admissible_actions": list(self.keys)})
 
-    def _final_reward(self) -> float:
+    def _door_reward(self) -> float:
+        """Reward for the door just opened. Partial: 1/N per door, paid as it opens, so an episode cut short by
+        the turn limit or the token budget keeps the doors it opened (the return is doors opened / N either way).
+        Binary: 1 for the last door only."""
         if self.reward_kind == "binary":
             return float(self._opened == self.n_doors)
-        return self._opened / self.n_doors
+        return 1.0 / self.n_doors
 
     def tools(self) -> Optional[list[dict]]:
         if self.interface != "tools":
@@ -118,14 +122,14 @@ class KeyDoorCorridor(Environment):
         if key != self.rule[colour]:
             self._done = True
             error = f"wrong key: the {colour} door opens with {self.rule[colour]}"
-            return StepResult(f"Key {key} does not open door {self._opened + 1}; {error}.", self._final_reward(),
+            return StepResult(f"Key {key} does not open door {self._opened + 1}; {error}.", 0.0,
                               True, {"error": error, "success": False})
         self._opened += 1
         if self._opened == self.n_doors:
             self._done = True
-            return StepResult("All doors are open.", self._final_reward(), True, {"success": True})
+            return StepResult("All doors are open.", self._door_reward(), True, {"success": True})
         text = self._door_text()
-        return StepResult(text, 0.0, False, {"anchor": text, "admissible_actions": list(self.keys)})
+        return StepResult(text, self._door_reward(), False, {"anchor": text, "admissible_actions": list(self.keys)})
 
     def invalid_action(self, raw_text: str, reason: str) -> StepResult:
         # A malformed answer does not open the door; the door stays and the agent may try again.

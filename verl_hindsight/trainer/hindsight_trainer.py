@@ -84,11 +84,30 @@ def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict
         metrics["hindsight/turns_mean"] = sum(int(e["turns"]) for e in envs) / len(envs)
         turns = sum(int(e["turns"]) for e in envs)
         metrics["hindsight/invalid_action_rate"] = sum(int(e["invalid_actions"]) for e in envs) / max(turns, 1)
+        for reason in ("response_length", "max_turns"):
+            metrics[f"hindsight/episode_cut/{reason}"] = sum(e.get("cut") == reason for e in envs) / len(envs)
+        _warn_budget_cuts(metrics["hindsight/episode_cut/response_length"])
         failures = Counter(e["failure"] for e in envs if e.get("failure"))
         metrics["hindsight/env_failures"] = float(sum(failures.values()))
         for reason, count in failures.items():
             metrics[f"hindsight/env_failure/{reason}"] = float(count)
     return metrics
+
+
+_budget_warned = False
+
+
+def _warn_budget_cuts(fraction: float) -> None:
+    """Say once per process when episodes run out of response tokens: their return holds only the steps taken,
+    so a budget too small for a whole episode silently caps success (the toy corridor once needed 104 tokens for
+    four doors and had 96)."""
+    global _budget_warned
+    if fraction > 0 and not _budget_warned:
+        _budget_warned = True
+        logger.warning("%.0f%% of this step's episodes ended because the response ran out of tokens before the "
+                       "environment ended them (hindsight/episode_cut/response_length); their return counts only "
+                       "the steps taken. Raise data.max_response_length (or lower hindsight.env.max_turns) if "
+                       "whole episodes should fit.", 100 * fraction)
 
 
 TEACHER_DIR = "hindsight_teacher"
