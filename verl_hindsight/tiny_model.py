@@ -78,7 +78,7 @@ class TinyModelSpec:
     max_position_embeddings: int = 2048
     # False gives the output layer its own matrix. Tied, the demo's warm start (answers on uniformly random keys)
     # pulled the keys' output vectors together and with them the input embeddings, so the model could no longer
-    # tell a hinted C from a hinted E (docs/demo.md); the demo does not use the untied model yet.
+    # tell a hinted C from a hinted E (docs/demo.md); the demo's model is untied.
     tie_word_embeddings: bool = True
 
 

@@ -92,6 +92,8 @@ def test_summary_steps_medians_and_ratio(run_dir):
     assert data["hint_sd_over_grpo"] == pytest.approx(0.6)
     assert ">30" in text and "hint_sd / grpo median steps: 0.60" in text
     assert "hindsight/val_success" in text  # the metric used is named
+    assert "median steps 25.0 (runs that did not reach it count at the budget); reached 1/2" in text
+    assert "median steps 15.0; reached 2/2" in text  # no budget note when every seed reached it
 
     text, data = summarize(run_dir, threshold=0.8, budget=40)
     assert data["methods"]["grpo"]["median_steps"] == 30.0  # median(20, 40)

@@ -26,9 +26,11 @@ METHODS = ("grpo", "hint_sd", "serl")
 # The demo's model. The default tiny model (hidden 64, 2 layers) never learned to copy a key from a hint in our
 # warm-start runs. With hidden 128 / 4 layers, 4 heads of 32 dims learned hint following (P 0.99) but left the key
 # position colour-blind: the hidden rule then took 160 steps of direct supervision to learn (50 from random init);
-# 8 heads of 16 dims (the toy study's head size) learn it in 40 steps after the same warm start (docs/demo.md).
+# 8 heads of 16 dims (the toy study's head size) learn it in 40 steps after the same warm start. Untied input and
+# output embeddings: tied, the warm start's uniform targets on un-hinted doors pulled the key letters' embeddings
+# together (cosine C/E 0.97) and the teacher could not tell a hinted C from a hinted E (docs/demo.md).
 DEMO_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
-              "num_key_value_heads": 8}
+              "num_key_value_heads": 8, "tie_word_embeddings": False}
 WARM_START = {"lr": 1e-3, "hint_prob": 0.75}
 ABLATIONS = {
     "hint_sd_ema": ["hindsight.teacher.kind=ema", "+hindsight.teacher.ema_decay=0.99"],

@@ -53,7 +53,8 @@ def summarize(run_dir: Union[str, Path], threshold: float = 0.8,
         median = statistics.median(counted) if counted else None
         n_reached = sum(r["steps_to_threshold"] is not None for r in seeds)
         data["methods"][method] = {"runs": seeds, "median_steps": median, "reached": n_reached, "seeds": len(seeds)}
-        lines.append(f"{'':<24}median steps {median} (stalled at the budget); reached {n_reached}/{len(seeds)}")
+        note = " (runs that did not reach it count at the budget)" if n_reached < len(seeds) else ""
+        lines.append(f"{'':<24}median steps {median}{note}; reached {n_reached}/{len(seeds)}")
     grpo = data["methods"].get("grpo")
     if grpo and grpo["median_steps"]:
         data["ratios_to_grpo"] = {m: v["median_steps"] / grpo["median_steps"] for m, v in data["methods"].items()
