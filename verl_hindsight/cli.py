@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train GRPO, HINT-SD and SERL side by side on the toy corridor (CPU)")
     demo.add_argument("--run-dir", help="output folder (default: runs/demo-<time>)")
-    demo.add_argument("--steps", type=int, default=100, help="training steps per run (default 100)")
+    demo.add_argument("--steps", type=int, default=200, help="training budget per run in steps (default 200; a run "
+                      "that has not reached --stop-at by then counts at the budget)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1; 3 for the study)")
     demo.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
     demo.add_argument("--warm-steps", type=int, default=400, help="supervised warm-start steps (default 400)")

@@ -44,7 +44,7 @@ ABLATIONS = {
 class DemoConfig:
     run_dir: Path
     seeds: int = 1
-    steps: int = 100
+    steps: int = 200  # the budget: a run that has not reached stop_at counts at it in the summary
     test_freq: int = 10
     warm_steps: int = 400
     methods: tuple[str, ...] = METHODS
