@@ -309,6 +309,7 @@ class EnvAgentLoopBase(AgentLoopBase):
         history: list[tuple[str, str]] = []
         observation, anchor = obs.text, obs.info.get("anchor", obs.text)
         rows = []
+        over = False
         for index in range(s.max_turns):
             shown = self.render_window(history[-s.history_turns:], observation)
             prompt_ids = await self.ct_build_initial_tokens(self.initial_messages(instructions, shown),
@@ -331,7 +332,7 @@ class EnvAgentLoopBase(AgentLoopBase):
             history.append((observation, action.display or action.payload or text))
             observation, anchor = result.observation, result.info.get("anchor", result.observation)
         summary["turns"] = len(rows)
-        summary["cut"] = _cut_reason(over if rows else True, len(rows), s.max_turns)
+        summary["cut"] = _cut_reason(over, len(rows), s.max_turns)
         answers = await self._answer([r[3] for r in rows], summary)
         outputs = []
         for k, (prompt_ids, gen_ids, logprobs, record, steps) in enumerate(rows):
