@@ -95,6 +95,9 @@ def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model
     full_dir.mkdir()
     full = run_recipe("cpu/toy_hint_sd", full_dir, _base(format_model, data, full_dir) + teacher)
     assert full[0]["hindsight/teacher_probe_logprob"] != full[1]["hindsight/teacher_probe_logprob"]  # it moved
+    # toy_common has a KL to the reference: the moving teacher has its own weights, the anchor stays the warm start
+    assert full[0]["hindsight/reference_probe_logprob"] == full[0]["hindsight/teacher_probe_logprob"]
+    assert full[1]["hindsight/reference_probe_logprob"] == full[0]["hindsight/reference_probe_logprob"]
     assert (full_dir / "ckpt" / "global_step_1" / "hindsight_teacher" / "teacher_state.json").exists()
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -103,3 +106,15 @@ def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model
     assert len(resumed) == 1  # only step 2 ran
     assert resumed[0]["hindsight/teacher_probe_logprob"] == pytest.approx(
         full[1]["hindsight/teacher_probe_logprob"], abs=1e-5)
+    assert resumed[0]["hindsight/reference_probe_logprob"] == full[0]["hindsight/reference_probe_logprob"]
+
+
+def test_lagged_teacher_as_the_kl_anchor_moves_the_anchor(format_model, data, tmp_path):
+    """kl_anchor=teacher (SERL's released code): the reference model is the teacher, so the anchor follows it."""
+    overrides = _base(format_model, data, tmp_path, steps=3) + [
+        "hindsight.teacher.sync_interval=1", "hindsight.teacher.log_probe=true", "+hindsight.teacher.kl_anchor=teacher"]
+    rows = run_recipe("cpu/toy_serl", tmp_path, overrides)
+    for m in rows:
+        assert m["hindsight/reference_probe_logprob"] == m["hindsight/teacher_probe_logprob"]
+    assert rows[0]["hindsight/teacher_update_mean_abs"] > 0  # synced after every update
+    assert rows[2]["hindsight/reference_probe_logprob"] != rows[0]["hindsight/reference_probe_logprob"]

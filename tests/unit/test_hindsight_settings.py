@@ -36,9 +36,12 @@ def test_analyzer_sources_need_the_analyzer_role():
         HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema", "decay": 1}))
     with pytest.raises(ValueError, match="hindsight.teacher.kind"):
         HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "best"}))
+    with pytest.raises(ValueError, match="hindsight.teacher.kl_anchor must be initial or teacher"):
+        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kl_anchor": "policy"}))
     ok = HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"},
                                             targets={"turns": "analyzer_topk"}, analyzer={"role": "analyzer"}))
     assert ok.enable and ok.analyzer_role == "analyzer" and ok.teacher.kind == "frozen"
+    assert ok.teacher.kl_anchor == "initial"  # a moving teacher never drags the KL anchor unless asked
 
 
 def _turn(k, error=None):

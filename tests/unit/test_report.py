@@ -54,7 +54,7 @@ def _metrics(run, vals, val_key="hindsight/val_success", hindsight=True):
     for step in range(0, 31):
         data = {"hindsight/env_success": step / 30}
         if hindsight:
-            data.update({"hindsight/gap_abs_mean": 2.0 / (step + 1), "hindsight/targeted_token_frac_of_actions": 0.5})
+            data.update({"hindsight/gap_abs_mean": 2.0 / (step + 1), "hindsight/targeted_token_frac_of_response": 0.5})
         if step % 10 == 0:
             data[val_key] = vals[step // 10]
             data["val-aux/toy/num_turns/mean"] = 2.0
@@ -153,6 +153,19 @@ def test_plot_is_a_png_with_mean_and_seed_curves(run_dir, figures):
     assert any(line.get_linestyle() == "--" and list(line.get_ydata()) == [0.8, 0.8] for line in val.get_lines())
     assert _legend(gap) == ["hint_sd (2 seeds)"]  # GRPO logs no gap: skipped in that panel
     assert _legend(frac) == ["hint_sd (2 seeds)"]
+
+
+def test_mean_curve_holds_a_stopped_seed_at_its_last_success():
+    from verl_hindsight.report.plots import _mean_curve
+
+    stopped = ([0, 10, 20], [0.0, 0.5, 0.9])  # reached the target at step 20 and stopped
+    stalled = ([0, 10, 20, 30], [0.0, 0.1, 0.2, 0.3])
+    steps, means = _mean_curve([stopped, stalled], hold_last=True)
+    assert steps == [0, 10, 20, 30] and means == pytest.approx([0.0, 0.3, 0.55, 0.6])
+    steps, means = _mean_curve([stopped, stalled])  # other panels: only the seeds still training
+    assert steps == [0, 10, 20, 30] and means == pytest.approx([0.0, 0.3, 0.55, 0.3])
+    steps, _ = _mean_curve([([0, 10, 20], [0.0, 0.1, 0.2]), ([0, 20], [0.0, 0.4])])
+    assert steps == [0, 20]  # step 10 is missing inside the second seed's range
 
 
 def test_plot_ablation_writes_the_given_file(run_dir, figures):

@@ -210,6 +210,9 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
     assert result.teacher_log_probs[-1] == [0.0] and result.hindsight_mask[-1] == [0]  # padding row
     m = result.metrics
     assert m["hindsight/targeted_tokens"] == sum(len(r) for r in expected)
+    # no response_mask on these rows: every response token counts; the padding row is left out
+    assert m["hindsight/targeted_token_frac_of_response"] == pytest.approx(
+        sum(len(r) for r in expected) / sum(len(r.response_ids) for r in rows[:-1]))
     gaps = [result.teacher_log_probs[k][i] - rows[k].old_log_probs[i] for k, ref in enumerate(expected) for i in ref]
     assert m["hindsight/gap_mean"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
     assert m["hindsight/teacher_to_student_tokens"] > 0 and "hindsight/teacher_collapse" in m

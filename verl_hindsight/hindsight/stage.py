@@ -51,6 +51,11 @@ class TeacherConfig:
     # where the feedback goes: right before the target turn (HINT-SD), or at the start of the episode (the
     # placement ablation of HINT-SD's paper: same feedback, far from the turn it is about)
     insert_at: str = "target_turn"
+    # what the KL to the reference (actor.use_kl_loss / algorithm.use_kl_in_reward) anchors to when the teacher
+    # moves (ema/lagged): "initial" keeps the reference model on the initial policy and gives the teacher a copy of
+    # the weights of its own (swapped in for the teacher pass only); "teacher" makes the reference model the teacher,
+    # so the anchor moves with it (SERL's released code; it cost a tiny policy its output format in our demo).
+    kl_anchor: str = "initial"
 
     def __post_init__(self):
         if self.kind not in TEACHER_KINDS:
@@ -61,6 +66,8 @@ class TeacherConfig:
             raise ValueError(f"hindsight.teacher.sync_interval must be >= 1, got {self.sync_interval!r}")
         if self.insert_at not in ("target_turn", "episode_start"):
             raise ValueError(f"hindsight.teacher.insert_at must be target_turn or episode_start, got {self.insert_at!r}")
+        if self.kl_anchor not in ("initial", "teacher"):
+            raise ValueError(f"hindsight.teacher.kl_anchor must be initial or teacher, got {self.kl_anchor!r}")
         if self.insert_at == "episode_start" and self.mode != "isolated":
             raise ValueError("hindsight.teacher.insert_at=episode_start needs mode=isolated")
         if "{feedback}" not in self.feedback_template:
@@ -296,13 +303,17 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
 
     targeted_tokens = sum(map(sum, mask_rows))
     action_tokens = sum(sum(r.action_mask) for r in rows if not r.is_padding)
+    response_tokens = sum(sum(r.response_mask) if r.response_mask is not None else len(r.response_ids)
+                          for r in rows if not r.is_padding)
     forwarded = sum(len(s) for s in sequences)
     metrics.update({
         "hindsight/targeted_trajectories": float(len(plans)),
         "hindsight/targeted_turns": float(sum(len(p.sequences[0].turns) if teacher_config.mode == "cumulative"
                                               else len(p.sequences) for p in plans.values() if p.sequences)),
         "hindsight/targeted_tokens": float(targeted_tokens),
+        # of actions: above 1 when the targeted span is the whole message (targets.span=message)
         "hindsight/targeted_token_frac_of_actions": targeted_tokens / max(action_tokens, 1),
+        "hindsight/targeted_token_frac_of_response": targeted_tokens / max(response_tokens, 1),
         "hindsight/teacher_tokens_forwarded": float(forwarded),
         "hindsight/teacher_to_student_tokens": forwarded / max(student_tokens, 1),
         "timing_s/hindsight_teacher": teacher_time,

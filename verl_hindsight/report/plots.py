@@ -1,7 +1,9 @@
 """``curves.png``: validation success, teacher-student gap and share of action tokens distilled/reweighted per method.
 
-Each method is drawn as the mean over its seeds (thick line, on the steps every seed logged) with the individual seeds
-as thin transparent lines. Methods with no data for a panel are left out of that panel. ``plot_ablation`` draws the
+Each method is drawn as the mean over its seeds (thick line) with the individual seeds as thin transparent lines. A
+seed that stopped early (``hindsight.stop_at_val_success``: it reached the target) holds its last validation success
+in the mean, so the mean runs to the longest seed's last step; in the other panels the mean is over the seeds still
+training at that step. Methods with no data for a panel are left out of that panel. ``plot_ablation`` draws the
 first two panels for a chosen set of runs (teacher kind, feedback placement), where a collapsing teacher shows up as
 its gap falling to zero while validation success stays low.
 """
@@ -15,14 +17,15 @@ from verl_hindsight.report.runs import Run, load_runs
 
 THRESHOLD = 0.8
 GAP_KEY = "hindsight/gap_abs_mean"
-FRACTION_KEYS = ("hindsight/targeted_token_frac_of_actions", "serl/reweighted_token_frac")
+FRACTION_KEY = "hindsight/targeted_token_frac_of_response"
 MAIN_METHODS = ("grpo", "hint_sd", "serl", "hero")
 
 # (title, key resolver); a resolver gets a Run and returns the metric key to draw for it, or None.
 PANELS = (
     ("validation success", lambda run: run.val_key()),
     ("teacher-student gap: mean |log p_T - log p_S| (targeted tokens)", lambda run: _first_key(run, (GAP_KEY,))),
-    ("fraction of action tokens distilled / reweighted", lambda run: _first_key(run, FRACTION_KEYS)),
+    ("share of response tokens the teacher targets (distilled / reweighted)",
+     lambda run: _first_key(run, (FRACTION_KEY,))),
 )
 
 # The demo's ablations (``verl_hindsight.demo.run.ABLATIONS``), as label -> method (all seeds of it).
@@ -36,13 +39,30 @@ def _first_key(run: Run, keys: tuple[str, ...]) -> Optional[str]:
     return next((k for k in keys if k in present), None)
 
 
-def _mean_curve(series: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float]]:
-    """Mean over seeds at the steps every seed has (all of them when there is only one seed)."""
+def _mean_curve(series: list[tuple[list[int], list[float]]],
+                hold_last: bool = False) -> tuple[list[int], list[float]]:
+    """Mean over seeds at every step some seed logged. ``hold_last``: a seed that ended before a step counts with its
+    last value there (a run stopped at the target keeps its success); otherwise only the seeds that logged the step
+    count. A step inside a seed's range that the seed did not log is left out."""
     maps = [dict(zip(xs, ys)) for xs, ys in series if xs]
     if not maps:
         return [], []
-    common = sorted(set.intersection(*(set(m) for m in maps)))
-    return common, [sum(m[s] for m in maps) / len(maps) for s in common]
+    steps, means = [], []
+    for step in sorted(set().union(*maps)):
+        values = []
+        for m in maps:
+            last = max(m)
+            if step in m:
+                values.append(m[step])
+            elif step > last and hold_last:
+                values.append(m[last])
+            elif step <= last:
+                values = None  # a gap in this seed's own range: not comparable across seeds
+                break
+        if values:
+            steps.append(step)
+            means.append(sum(values) / len(values))
+    return steps, means
 
 
 def _draw(groups: dict[str, list[Run]], out: Path, title: str, n_panels: int = 3) -> Path:
@@ -67,8 +87,8 @@ def _draw(groups: dict[str, list[Run]], out: Path, title: str, n_panels: int = 3
                 continue  # no data for this method in this panel
             for xs, ys in series if len(series) > 1 else []:
                 ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
-            mx, my = _mean_curve(series)
-            if not mx:  # seeds logged on disjoint steps: fall back to the first seed
+            mx, my = _mean_curve(series, hold_last=label == "validation success")
+            if not mx:  # seeds logged on interleaved steps: fall back to the first seed
                 mx, my = series[0]
             seeds = f" ({len(series)} seeds)" if len(series) > 1 else ""
             ax.plot(mx, my, color=colour, linewidth=2, marker="." if len(mx) <= 40 else None,

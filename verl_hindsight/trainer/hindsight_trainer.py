@@ -12,8 +12,10 @@ The data flow of one step, with what this class adds in brackets::
   correction untouched) reweighted on hindsight tokens (:mod:`verl_hindsight.algo.serl`);
 - ``hindsight.distill.coef > 0``: the actor loss gains the masked divergence (:mod:`verl_hindsight.algo.loss`),
   installed with verl's ``set_loss_fn``;
-- ``hindsight.teacher.kind`` frozen/ema/lagged: the teacher is the worker's reference model
-  (:mod:`.teacher_worker`), updated after each actor update and saved with verl's checkpoints;
+- ``hindsight.teacher.kind`` frozen/ema/lagged: the teacher is scored by the worker's reference model
+  (:mod:`.teacher_worker`), updated after each actor update and saved with verl's checkpoints; a moving teacher
+  in a run with a KL to the reference keeps its weights in a copy swapped in for the teacher pass only, so the KL
+  anchor stays on the initial policy (``hindsight.teacher.kl_anchor``);
 - rollout accounting: after each rollout it reads the agent loops' per-turn records and action masks from
   TransferQueue and logs ``hindsight/*`` metrics (environment success, failures by reason, invalid actions,
   turns, action-token fraction) and checks that action masks never cover observation tokens;
@@ -188,6 +190,38 @@ class HindsightTrainer(PPOTrainerSync):
         super().on_init_end()
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
+        self._ensure_teacher_copy()
+
+    def _ensure_teacher_copy(self) -> None:
+        """Give a moving teacher its own weights, once (verl's ``_setup`` resumes checkpoints before ``on_init_end``,
+        so :meth:`_load_checkpoint` may come first)."""
+        if not self._teacher_has_own_weights or getattr(self, "_hs_teacher_copy_ready", False):
+            return
+        self.actor_rollout_wg.hs_init_teacher_copy()
+        self._hs_teacher_copy_ready = True
+        logger.info("hindsight: the %s teacher has its own copy of the weights; the KL anchor stays on the "
+                    "initial policy (hindsight.teacher.kl_anchor=initial)", self.hs.teacher.kind)
+
+    @property
+    def _teacher_has_own_weights(self) -> bool:
+        """A moving teacher next to a KL to the reference: keep the anchor still (``hindsight.teacher.kl_anchor``)."""
+        kl = bool(self.config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
+            bool(self.config.algorithm.get("use_kl_in_reward", False))
+        return (self.hs.enable and self.hs.teacher.kind in ("ema", "lagged") and self.hs.teacher.kl_anchor == "initial"
+                and kl)
+
+    @contextmanager
+    def _teacher_in_reference(self):
+        """The teacher's weights in the reference model for the duration of the block (a no-op when they are the
+        reference model's own)."""
+        if not self._teacher_has_own_weights:
+            yield
+            return
+        self.actor_rollout_wg.hs_swap_teacher()
+        try:
+            yield
+        finally:
+            self.actor_rollout_wg.hs_swap_teacher()
 
     # ------------------------------------------------------------------ step
     def _compute_old_log_prob(self, batch, metrics: dict):
@@ -289,8 +323,9 @@ class HindsightTrainer(PPOTrainerSync):
         if self._stage_active():
             scorers = ({"topk_scorer": self._teacher_topk_scorer(), "topk": self.hs.distill.topk} if self._uses_topk
                        else {"scorer": self._teacher_scorer()})
-            result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
-                               teacher_config=teacher, renderer=self._renderer(), **scorers)
+            with self._teacher_in_reference():
+                result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
+                                   teacher_config=teacher, renderer=self._renderer(), **scorers)
             teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
             topk_rows = result.teacher_topk
             metrics.update(result.metrics)
@@ -302,10 +337,15 @@ class HindsightTrainer(PPOTrainerSync):
             mask_rows = [[0] * len(r.response_ids) for r in rows]
             topk_rows = None
             metrics["hindsight/stage_active"] = 0.0
+            metrics["hindsight/targeted_token_frac_of_response"] = 0.0
             self._hs_feedback = {}
         if teacher.log_probe:
             probe = list(range(3, 35))
-            metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+            with self._teacher_in_reference():
+                metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+            if self.hs.teacher.uses_reference_model and not self.ref_in_actor:
+                # the KL anchor's view of the same probe: constant unless the anchor moves (kl_anchor=teacher)
+                metrics["hindsight/reference_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
         self._hs_num_targets = int(sum(map(sum, mask_rows)))
         self._hs_num_rows = len(rows)
         columns = {"teacher_log_probs": _nested(teacher_rows, torch.float32),
@@ -483,6 +523,7 @@ class HindsightTrainer(PPOTrainerSync):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"resuming a {self.hs.teacher.kind} teacher but {folder} is missing: the "
                                     "checkpoint was not written by the hindsight trainer with this teacher kind")
+        self._ensure_teacher_copy()  # the saved weights are the teacher's, not the anchor's
         with open(os.path.join(folder, "teacher_state.json")) as f:
             state = json.load(f)
         if state.get("kind") != self.hs.teacher.kind:

@@ -1,12 +1,20 @@
 """verl's hybrid actor/rollout/ref worker plus the self-teacher's weight updates and their checkpoint.
 
-The teacher of the ``frozen``, ``ema`` and ``lagged`` kinds is the worker's *reference* model: verl already builds
-it (same architecture and sharding as the actor, forward-only, optionally CPU-offloaded) and scores with it through
-``compute_ref_log_prob``. This subclass adds what verl has no method for:
+The teacher of the ``frozen``, ``ema`` and ``lagged`` kinds is scored by the worker's *reference* model: verl
+already builds it (same architecture and sharding as the actor, forward-only, optionally CPU-offloaded) and scores
+with it through ``compute_ref_log_prob``. A moving (EMA/lagged) teacher in a run that also anchors the policy with a
+KL to the reference must not move that anchor, so its weights can live in a copy of their own (``hs_init_teacher_copy``)
+that ``hs_swap_teacher`` exchanges with the reference weights for the teacher pass only. This subclass adds what
+verl has no method for:
 
-- ``hs_update_teacher(mix)``: reference <- (1 - mix) * reference + mix * actor, shard by shard on every rank
-  (``mix = 1`` copies: the lagged teacher's sync; ``mix = 1 - decay``: one EMA step);
-- ``hs_save_teacher(dir)`` / ``hs_load_teacher(dir)``: the reference weights of this rank, so an EMA or lagged
+- ``hs_init_teacher_copy()``: a copy of the reference shards on this rank (same device and dtype), from then on the
+  teacher's weights; the reference model keeps the KL anchor;
+- ``hs_swap_teacher()``: exchange the reference shards with that copy, shard by shard (called in pairs around the
+  teacher pass, so between passes the reference model always holds the anchor);
+- ``hs_update_teacher(mix)``: teacher <- (1 - mix) * teacher + mix * actor, shard by shard on every rank
+  (``mix = 1`` copies: the lagged teacher's sync; ``mix = 1 - decay``: one EMA step); the teacher is the copy if
+  there is one, else the reference model itself;
+- ``hs_save_teacher(dir)`` / ``hs_load_teacher(dir)``: the teacher weights of this rank, so an EMA or lagged
   teacher survives a resume (verl saves only the actor);
 - ``hs_teacher_checksum()``: a cheap fingerprint of the teacher weights, for tests and logs;
 - ``hs_install_distill_loss(distill)``: wraps the actor loss verl built (``ppo_loss`` bound to the worker's own
@@ -39,6 +47,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
     def _teacher_pairs(self):
+        """(name, actor parameter, teacher tensor) on this rank: the teacher copy's tensor if there is one, else the
+        reference parameter."""
+        copy = getattr(self, "_hs_teacher_copy", None)
+        return [(name, a, r if copy is None else copy[name]) for name, a, r in self._actor_ref_pairs()]
+
+    def _actor_ref_pairs(self):
         if self.actor is None or self.ref is None:
             raise RuntimeError("the hindsight teacher needs both the actor and the reference model in this worker "
                                f"(role {self.role!r}); use a hybrid actor_rollout_ref worker")
@@ -100,8 +114,30 @@ class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
         return self._topk_pass(self.actor, data, int(tu.get_non_tensor_data(data, "hs_topk", 8)))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_init_teacher_copy(self) -> int:
+        """Give the teacher weights of its own, starting from the reference model's; returns the tensors copied."""
+        if getattr(self, "_hs_teacher_copy", None) is not None:
+            raise RuntimeError("the teacher already has its own copy of the weights")
+        with torch.no_grad():
+            self._hs_teacher_copy = {name: _local(r.data).detach().clone() for name, _, r in self._actor_ref_pairs()}
+        return len(self._hs_teacher_copy)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def hs_swap_teacher(self) -> None:
+        """Exchange the reference model's weights with the teacher copy (a second call swaps them back)."""
+        copy = getattr(self, "_hs_teacher_copy", None)
+        if copy is None:
+            raise RuntimeError("hs_swap_teacher needs hs_init_teacher_copy first")
+        with torch.no_grad():
+            for name, _, r in self._actor_ref_pairs():
+                r_local, t = _local(r.data), copy[name]
+                held = r_local.clone()
+                r_local.copy_(t.to(device=r_local.device))
+                t.copy_(held.to(device=t.device))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def hs_update_teacher(self, mix: float) -> float:
-        """ref <- ref + mix * (actor - ref); returns the mean absolute change (fp32) on this rank."""
+        """teacher <- teacher + mix * (actor - teacher); returns the mean absolute change (fp32) on this rank."""
         if not 0.0 < mix <= 1.0:
             raise ValueError(f"teacher update mix must be in (0, 1], got {mix}")
         change, count = 0.0, 0
