@@ -75,7 +75,7 @@ def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from verl_hindsight.demo.run import METHODS, DemoConfig, default_run_dir, run_demo
+    from verl_hindsight.demo.run import ABLATIONS, METHODS, DemoConfig, default_run_dir, run_demo
 
     run_dir = default_run_dir(args.run_dir)
     if args.quick:
@@ -86,9 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          stop_at=args.stop_at if args.stop_at > 0 else None, overrides=tuple(args.override or ()),
                          warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS) - set(ABLATIONS)
     if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
     from dataclasses import replace
 
     return run_demo(replace(cfg, methods=methods, ablations=args.ablations))
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "protocol; 0 trains every run for --steps)")
     demo.add_argument("--override", action="append", metavar="KEY=VALUE",
                       help="extra hydra override for every run, e.g. hindsight.distill.coef=2 (repeatable)")
-    demo.add_argument("--methods", help="comma-separated subset of grpo,hint_sd,serl")
+    demo.add_argument("--methods", help="comma-separated runs: grpo,hint_sd,serl (default all three) and/or the "
+                           "ablations hint_sd_ema,hint_sd_lagged,hint_sd_live,hint_sd_episode_start")
     demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",
                       help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")

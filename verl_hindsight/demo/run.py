@@ -117,12 +117,9 @@ def run_demo(cfg: DemoConfig) -> int:
           "(chance 0.17)")
     train, val = write_env_dataset("toy", run_dir / "data", max_val=64)  # a fixed 64-task validation panel
 
-    runs = [(m, []) for m in cfg.methods]
-    if cfg.ablations:
-        runs += [(name, extra) for name, extra in ABLATIONS.items()]
     failures = []
     for seed in range(cfg.seeds):
-        for name, extra in runs:
+        for name, extra in planned_runs(cfg):
             recipe = "cpu/toy_hint_sd" if name.startswith("hint_sd") else f"cpu/toy_{name}"
             out = run_dir / f"{name}-s{seed}"
             out.mkdir(exist_ok=True)
@@ -133,6 +130,16 @@ def run_demo(cfg: DemoConfig) -> int:
     return finish(cfg, failures)
 
 
+def planned_runs(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
+    """(run name, extra overrides) per seed: ``cfg.methods`` (main methods or ablation names, in order), then with
+    ``cfg.ablations`` every ablation not already listed."""
+    unknown = [m for m in cfg.methods if m not in METHODS and m not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown demo runs {unknown}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
+    names = list(cfg.methods) + ([a for a in ABLATIONS if a not in cfg.methods] if cfg.ablations else [])
+    return [(name, list(ABLATIONS.get(name, []))) for name in names]
+
+
 def finish(cfg: DemoConfig, failures: list[str]) -> int:
     from verl_hindsight.report.plots import plot_run
     from verl_hindsight.report.summary import summarize
@@ -140,7 +147,7 @@ def finish(cfg: DemoConfig, failures: list[str]) -> int:
 
     run_dir = cfg.run_dir
     plot = plot_run(run_dir)
-    if cfg.ablations:
+    if cfg.ablations or any(m in ABLATIONS for m in cfg.methods):
         from verl_hindsight.report.plots import plot_ablations
 
         for extra in plot_ablations(run_dir):
