@@ -118,3 +118,5 @@ def test_lagged_teacher_as_the_kl_anchor_moves_the_anchor(format_model, data, tm
         assert m["hindsight/reference_probe_logprob"] == m["hindsight/teacher_probe_logprob"]
     assert rows[0]["hindsight/teacher_update_mean_abs"] > 0  # synced after every update
     assert rows[2]["hindsight/reference_probe_logprob"] != rows[0]["hindsight/reference_probe_logprob"]
+    log = (tmp_path / "verl.log").read_text()
+    assert "kl_anchor=teacher: the KL to the reference follows the lagged teacher" in log

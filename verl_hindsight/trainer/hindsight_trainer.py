@@ -191,6 +191,11 @@ class HindsightTrainer(PPOTrainerSync):
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
         self._ensure_teacher_copy()
+        moving = self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")
+        if moving and self._kl_to_reference and self.hs.teacher.kl_anchor == "teacher":
+            logger.warning("hindsight: kl_anchor=teacher: the KL to the reference follows the %s teacher, so it no "
+                           "longer holds the policy near its start (hindsight.teacher.kl_anchor=initial keeps it "
+                           "there)", self.hs.teacher.kind)
 
     def _ensure_teacher_copy(self) -> None:
         """Give a moving teacher its own weights, once (verl's ``_setup`` resumes checkpoints before ``on_init_end``,
@@ -205,10 +210,13 @@ class HindsightTrainer(PPOTrainerSync):
     @property
     def _teacher_has_own_weights(self) -> bool:
         """A moving teacher next to a KL to the reference: keep the anchor still (``hindsight.teacher.kl_anchor``)."""
-        kl = bool(self.config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
+        moving = self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")
+        return moving and self.hs.teacher.kl_anchor == "initial" and self._kl_to_reference
+
+    @property
+    def _kl_to_reference(self) -> bool:
+        return bool(self.config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
             bool(self.config.algorithm.get("use_kl_in_reward", False))
-        return (self.hs.enable and self.hs.teacher.kind in ("ema", "lagged") and self.hs.teacher.kl_anchor == "initial"
-                and kl)
 
     @contextmanager
     def _teacher_in_reference(self):
