@@ -12,9 +12,16 @@ def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):
     metrics.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
     env.update(VERL_FILE_LOGGER_PATH=str(metrics), **(extra_env or {}))
-    proc = subprocess.run(main_ppo_command(recipe, overrides), cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
-    log = proc.stdout + proc.stderr
+    for _ in range(2):
+        proc = subprocess.run(main_ppo_command(recipe, overrides), cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        log = proc.stdout + proc.stderr
+        # verl picks torch.distributed's MASTER_PORT as a free port and binds it later; on a busy CI machine another
+        # process can take it in between (seen once: EADDRINUSE at init_model). That race is the environment's, not
+        # the recipe's: run once more, and only for it.
+        if proc.returncode == 0 or "EADDRINUSE" not in log:
+            break
+        metrics.unlink(missing_ok=True)
     (tmp_path / "verl.log").write_text(log)
     if not expect_ok:
         return proc.returncode, log
