@@ -6,7 +6,7 @@ Phases (each with a progress bar; verl's own logs go to ``<run>/verl.log`` files
    and following a hint placed in context, with random hint contents (:mod:`.warm_start`);
 2. for each seed and method: ``recipes/cpu/toy_<method>.yaml`` from the warm start, validation every
    ``--test-freq`` steps, per-step metrics and trajectory dumps in ``<run_dir>/<method>-s<seed>/``;
-3. ``curves.png`` (validation success, teacher-student gap, fraction of tokens distilled/reweighted),
+3. ``curves.png`` (validation success, teacher-student gap, share of response tokens distilled/reweighted),
    ``viewer.html`` (trajectories with the inserted feedback and per-token values), ``summary.txt``.
 
 ``--ablations`` adds HINT-SD runs with the other teacher kinds (EMA, lagged, live) and with the feedback inserted at
