@@ -75,7 +75,7 @@ def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from verl_hindsight.demo.run import ABLATIONS, METHODS, DemoConfig, default_run_dir, run_demo
+    from verl_hindsight.demo.run import METHODS, DemoConfig, default_run_dir, planned_runs, run_demo
 
     run_dir = default_run_dir(args.run_dir)
     if args.quick:
@@ -86,12 +86,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          stop_at=args.stop_at if args.stop_at > 0 else None, overrides=tuple(args.override or ()),
                          warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
-    unknown = set(methods) - set(METHODS) - set(ABLATIONS)
-    if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
     from dataclasses import replace
 
-    return run_demo(replace(cfg, methods=methods, ablations=args.ablations))
+    cfg = replace(cfg, methods=methods, ablations=args.ablations)
+    try:
+        planned_runs(cfg)
+    except ValueError as exc:
+        raise SystemExit(f"--methods: {exc}") from None
+    return run_demo(cfg)
 
 
 def cmd_view(args: argparse.Namespace) -> int:

@@ -90,6 +90,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from verl_hindsight.envs.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
 
+    runs = planned_runs(cfg)  # an unknown run name fails here, before the warm start
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {run_dir}")
@@ -119,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     failures = []
     for seed in range(cfg.seeds):
-        for name, extra in planned_runs(cfg):
+        for name, extra in runs:
             recipe = "cpu/toy_hint_sd" if name.startswith("hint_sd") else f"cpu/toy_{name}"
             out = run_dir / f"{name}-s{seed}"
             out.mkdir(exist_ok=True)

@@ -77,6 +77,11 @@ class TeacherConfig:
     def uses_reference_model(self) -> bool:
         return self.kind in REF_TEACHERS
 
+    @property
+    def moves(self) -> bool:
+        """EMA and lagged teachers are updated toward the policy during training."""
+        return self.kind in ("ema", "lagged")
+
 
 @dataclass
 class Row:

@@ -175,7 +175,7 @@ class HindsightTrainer(PPOTrainerSync):
                              "installs the distillation loss there); standalone rollout replicas are not supported")
         lora = self.config.actor_rollout_ref.model.get("lora", {}).get("rank", 0) or \
             self.config.actor_rollout_ref.model.get("lora_rank", 0)
-        if lora and self.hs.teacher.kind in ("ema", "lagged"):
+        if lora and self.hs.teacher.moves:
             raise ValueError(f"hindsight.teacher.kind={self.hs.teacher.kind} is not supported with LoRA (the "
                              "reference model is the adapter-free base); use kind=frozen or kind=live")
         # frozen/ema/lagged teachers are the worker's reference model: make sure the worker builds one
@@ -191,8 +191,7 @@ class HindsightTrainer(PPOTrainerSync):
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
         self._ensure_teacher_copy()
-        moving = self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")
-        if moving and self._kl_to_reference and self.hs.teacher.kl_anchor == "teacher":
+        if self._moving_teacher and self._kl_to_reference and self.hs.teacher.kl_anchor == "teacher":
             logger.warning("hindsight: kl_anchor=teacher: the KL to the reference follows the %s teacher, so it no "
                            "longer holds the policy near its start (hindsight.teacher.kl_anchor=initial keeps it "
                            "there)", self.hs.teacher.kind)
@@ -210,8 +209,11 @@ class HindsightTrainer(PPOTrainerSync):
     @property
     def _teacher_has_own_weights(self) -> bool:
         """A moving teacher next to a KL to the reference: keep the anchor still (``hindsight.teacher.kl_anchor``)."""
-        moving = self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")
-        return moving and self.hs.teacher.kl_anchor == "initial" and self._kl_to_reference
+        return self._moving_teacher and self.hs.teacher.kl_anchor == "initial" and self._kl_to_reference
+
+    @property
+    def _moving_teacher(self) -> bool:
+        return self.hs.enable and self.hs.teacher.moves
 
     @property
     def _kl_to_reference(self) -> bool:
@@ -513,7 +515,7 @@ class HindsightTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self):
         super()._save_checkpoint()
-        if self.hs.enable and self.hs.teacher.kind in ("ema", "lagged"):
+        if self._moving_teacher:
             folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}",
                                   TEACHER_DIR)
             self.actor_rollout_wg.hs_save_teacher(os.path.abspath(folder))
@@ -523,7 +525,7 @@ class HindsightTrainer(PPOTrainerSync):
 
     def _load_checkpoint(self):
         super()._load_checkpoint()
-        if not (self.hs.enable and self.hs.teacher.kind in ("ema", "lagged")) or self.global_steps == 0:
+        if not self._moving_teacher or self.global_steps == 0:
             return
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}", TEACHER_DIR)
         if self.config.trainer.resume_mode == "resume_path":
