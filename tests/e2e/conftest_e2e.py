@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from verl_hindsight.cli import main_ppo_command
+from verl_hindsight.cli import is_port_race, main_ppo_command
 
 
 def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):
@@ -16,10 +16,7 @@ def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):
         proc = subprocess.run(main_ppo_command(recipe, overrides), cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=900)
         log = proc.stdout + proc.stderr
-        # verl picks torch.distributed's MASTER_PORT as a free port and binds it later; on a busy CI machine another
-        # process can take it in between (seen once: EADDRINUSE at init_model). That race is the environment's, not
-        # the recipe's: run once more, and only for it.
-        if proc.returncode == 0 or "EADDRINUSE" not in log:
+        if proc.returncode == 0 or not is_port_race(log):  # seen once in CI: EADDRINUSE at init_model
             break
         metrics.unlink(missing_ok=True)
     (tmp_path / "verl.log").write_text(log)

@@ -1,10 +1,14 @@
-"""Which runs ``verl-hindsight demo`` plans for a seed (``--methods``, ``--ablations``)."""
+"""Which runs ``verl-hindsight demo`` plans for a seed (``--methods``, ``--ablations``) and how it schedules them
+(``--jobs``)."""
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from verl_hindsight.demo.run import ABLATIONS, DemoConfig, planned_runs
+from verl_hindsight.cli import main
+from verl_hindsight.demo.run import ABLATIONS, DemoConfig, planned_runs, run_all
 
 
 def _names(**kwargs):
@@ -31,3 +35,60 @@ def test_an_ablation_can_be_named_alone_and_is_not_repeated():
 def test_an_unknown_run_is_named_in_the_error():
     with pytest.raises(ValueError, match=r"unknown demo runs \['hero_live'\]; choose from grpo, hint_sd, serl, "):
         _names(methods=("hero_live",))
+
+
+class RecordingRunner:
+    """Stands in for main_ppo (a subprocess of minutes) to observe the scheduler: when each run starts and ends, on
+    which progress-bar line, with which recipe."""
+
+    def __init__(self, fail: str = ""):
+        self.lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+        self.calls = []
+        self.fail = fail
+
+    def __call__(self, recipe, overrides, out, steps, label, position):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            start = time.monotonic()
+        time.sleep(0.05)
+        with self.lock:
+            self.active -= 1
+            self.calls.append((label, recipe, position, start, time.monotonic(), out.is_dir()))
+        return 1 if label == self.fail else 0
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_runs_go_at_most_jobs_at_a_time_each_on_its_own_line(tmp_path, jobs):
+    cfg = DemoConfig(run_dir=tmp_path, seeds=2, jobs=jobs)
+    runner = RecordingRunner(fail="serl seed 1")
+    failures = run_all(cfg, planned_runs(cfg), Path("model"), Path("train"), Path("val"), runner=runner)
+    assert failures == ["serl-s1"]
+    assert runner.peak == jobs
+    labels = sorted(c[0] for c in runner.calls)
+    assert labels == sorted(f"{m} seed {s}" for s in (0, 1) for m in ("grpo", "hint_sd", "serl"))
+    assert all(c[5] for c in runner.calls)  # the run folder exists before main_ppo starts
+    assert {c[2] for c in runner.calls} == set(range(jobs))
+    for a in runner.calls:  # two runs that overlap in time never share a progress-bar line
+        for b in runner.calls:
+            if a is not b and a[3] < b[4] and b[3] < a[4]:
+                assert a[2] != b[2], (a, b)
+
+
+def test_ablations_run_the_hint_sd_recipe(tmp_path):
+    cfg = DemoConfig(run_dir=tmp_path, methods=("hint_sd_live", "serl"), jobs=1)
+    runner = RecordingRunner()
+    assert run_all(cfg, planned_runs(cfg), Path("model"), Path("train"), Path("val"), runner=runner) == []
+    assert [(c[0], c[1]) for c in runner.calls] == [("hint_sd_live seed 0", "cpu/toy_hint_sd"),
+                                                   ("serl seed 0", "cpu/toy_serl")]
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--batch-tasks"])
+def test_a_count_below_one_is_refused_before_anything_runs(tmp_path, flag):
+    with pytest.raises(ValueError, match=rf"{flag} 0: "):
+        DemoConfig(run_dir=tmp_path, **{flag[2:].replace("-", "_"): 0})
+    with pytest.raises(SystemExit, match=rf"{flag} 0: "):
+        main(["demo", flag, "0", "--run-dir", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists()

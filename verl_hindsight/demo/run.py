@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 METHODS = ("grpo", "hint_sd", "serl")
 # The demo's model. The default tiny model (hidden 64, 2 layers) never learned to copy a key from a hint in our
@@ -51,15 +51,29 @@ class DemoConfig:
     ablations: bool = False
     stop_at: Optional[float] = 0.8  # end a run at its first validation success >= this (None: run every step)
     overrides: tuple[str, ...] = ()  # extra hydra overrides for every run (``--override``)
-    batch_tasks: int = 8
+    # tasks per step (x rollouts episodes). 4 since session 7: a step of 16 episodes costs ~60% of one of 32 (fixed
+    # per-step costs of verl's pipeline stay), which brings the default demo near the issue's ~15 min; the first
+    # 3-seed study used 8 (docs/demo.md, "The 3-seed result")
+    batch_tasks: int = 4
     rollouts: int = 4
     warm_model: Optional[Path] = None  # reuse a warm start (e.g. of an earlier demo run) instead of training one
+    # runs at once. One CPU run keeps ~60% of two cores busy (Ray and the agent loop wait on each other), so two
+    # side by side finish ~1.5x sooner than one after the other; three oversubscribe two cores and are slower
+    # (benchmarks/demo_parallel_runs.py). Each run holds ~6 GB of memory.
+    jobs: int = 2
 
     @classmethod
     def quick(cls, run_dir: Path) -> "DemoConfig":
         # 80 warm-start steps: enough for the output format, so the failing turns carry actions to target
         return cls(run_dir=run_dir, seeds=1, steps=2, test_freq=1, warm_steps=80, batch_tasks=2, rollouts=2,
                    stop_at=None)
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"--jobs {self.jobs}: train at least one run at a time (--jobs 1 runs them one after "
+                             "the other)")
+        if self.batch_tasks < 1:
+            raise ValueError(f"--batch-tasks {self.batch_tasks}: a step needs at least one task")
 
 
 def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: int, out: Path) -> list[str]:
@@ -85,7 +99,6 @@ def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: in
 def run_demo(cfg: DemoConfig) -> int:
     from tqdm import tqdm
 
-    from verl_hindsight.cli import run_main_ppo
     from verl_hindsight.demo.warm_start import hint_following, warm_start
     from verl_hindsight.envs.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
@@ -118,17 +131,40 @@ def run_demo(cfg: DemoConfig) -> int:
           "(chance 0.17)")
     train, val = write_env_dataset("toy", run_dir / "data", max_val=64)  # a fixed 64-task validation panel
 
-    failures = []
-    for seed in range(cfg.seeds):
-        for name, extra in runs:
-            recipe = "cpu/toy_hint_sd" if name.startswith("hint_sd") else f"cpu/toy_{name}"
-            out = run_dir / f"{name}-s{seed}"
-            out.mkdir(exist_ok=True)
-            overrides = run_overrides(cfg, model, train, val, seed, out) + extra + list(cfg.overrides)
-            rc = run_main_ppo(recipe, overrides, out, cfg.steps, f"{name} seed {seed}")
-            if rc != 0:
-                failures.append(f"{name}-s{seed}")
+    failures = run_all(cfg, runs, model, train, val)
     return finish(cfg, failures)
+
+
+def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, train: Path, val: Path,
+            runner: Optional[Callable[..., int]] = None) -> list[str]:
+    """Every (seed, run) through stock main_ppo (``runner``: :func:`verl_hindsight.cli.run_main_ppo`), ``cfg.jobs``
+    at a time, started in order; returns the failed run names. Runs are independent processes (each its own Ray
+    instance), so a thread per running one only waits on it; each holds its own progress-bar line."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    if runner is None:
+        from verl_hindsight.cli import run_main_ppo as runner
+
+    free_lines: queue.Queue[int] = queue.Queue()
+    for line in range(cfg.jobs):
+        free_lines.put(line)
+
+    def one(seed: int, name: str, extra: list[str]) -> Optional[str]:
+        recipe = "cpu/toy_hint_sd" if name.startswith("hint_sd") else f"cpu/toy_{name}"
+        out = cfg.run_dir / f"{name}-s{seed}"
+        out.mkdir(exist_ok=True)
+        overrides = run_overrides(cfg, model, train, val, seed, out) + extra + list(cfg.overrides)
+        line = free_lines.get()
+        try:
+            rc = runner(recipe, overrides, out, cfg.steps, f"{name} seed {seed}", position=line)
+        finally:
+            free_lines.put(line)
+        return None if rc == 0 else f"{name}-s{seed}"
+
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        futures = [pool.submit(one, seed, name, extra) for seed in range(cfg.seeds) for name, extra in runs]
+        return [f for f in (future.result() for future in futures) if f]
 
 
 def planned_runs(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
