@@ -2,9 +2,9 @@
 
     python benchmarks/demo_wall_time.py [--steps 12] [--jobs 1,2,3] [--warm-model DIR] [--run-dir DIR]
 
-1. Gradient checkpointing (``actor_rollout_ref.model.enable_gradient_checkpointing``, off in recipes/cpu): forward
-   + backward of one packed micro-batch of the demo model (4 rows x 155 tokens, the toy's typical episode), with
-   and without recomputing activations, in this process.
+1. One micro-batch (4 rows x 155 tokens, a typical toy episode) of the demo model, forward + backward in this
+   process: padded rows (recipes/cpu: ``use_remove_padding: false``) vs packed rows (remove-padding), and with
+   gradient checkpointing (off in recipes/cpu).
 2. Runs at once (``verl-hindsight demo --jobs``): the same set of runs (GRPO, HINT-SD, SERL, ``--steps`` each, no
    early stop) through stock main_ppo with 1, 2, ... at a time; wall time of the whole set and its ratio to one at a
    time, plus the busy share of the machine's cores while one run trains alone.
@@ -22,33 +22,33 @@ import time
 from pathlib import Path
 
 
-def checkpointing_cost(model_dir: Path, rows: int = 4, tokens: int = 155, repeats: int = 10) -> dict[str, float]:
+def micro_batch_cost(model_dir: Path, rows: int = 4, tokens: int = 155, repeats: int = 10) -> dict[str, float]:
+    """Forward + backward (ms, median) of one micro-batch of the demo model: ``padded`` (rows x tokens, what the
+    CPU recipes run), ``padded+checkpointing``, and ``packed`` (rows concatenated with restarting position ids,
+    what verl's remove-padding path runs)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, rows * tokens), generator=generator)
-    positions = torch.arange(tokens).repeat(rows)[None]  # packed rows, as verl's remove-padding path feeds them
+    ids = torch.randint(0, model.config.vocab_size, (rows, tokens), generator=generator)
+    inputs = {"padded": {"input_ids": ids},
+              "packed": {"input_ids": ids.reshape(1, -1), "position_ids": torch.arange(tokens).repeat(rows)[None]}}
 
-    def fwd_bwd_ms() -> float:
+    def fwd_bwd_ms(layout: str) -> float:
         times = []
         for _ in range(repeats + 2):
             start = time.perf_counter()
-            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+            logits = model(**inputs[layout], use_cache=False).logits
             logits.logsumexp(-1).mean().backward()
             times.append(time.perf_counter() - start)
         return 1000 * statistics.median(times[2:])
 
-    result = {}
-    for enabled in (False, True, False):  # off twice, around on: drift in machine speed shows as two off numbers
-        if enabled:
-            model.gradient_checkpointing_enable()
-        else:
-            model.gradient_checkpointing_disable()
-        result.setdefault("on" if enabled else "off", []).append(fwd_bwd_ms())
-    return {k: statistics.fmean(v) for k, v in result.items()}
+    result = {"padded": fwd_bwd_ms("padded"), "packed": fwd_bwd_ms("packed")}
+    model.gradient_checkpointing_enable()
+    result["padded+checkpointing"] = fwd_bwd_ms("padded")
+    return result
 
 
 def busy_share_while(fn) -> tuple[object, float]:
@@ -103,9 +103,10 @@ def main() -> int:
                                 steps=80, lr=1e-3, hint_prob=0.75))
     train, val = write_env_dataset("toy", run_dir / "data", max_val=64)
 
-    cost = checkpointing_cost(model)
-    print(f"fwd+bwd of one 4x155-token micro-batch: checkpointing off {cost['off']:.1f} ms, on {cost['on']:.1f} ms "
-          f"(on / off = {cost['on'] / cost['off']:.2f}x)")
+    cost = micro_batch_cost(model)
+    print("fwd+bwd of one 4x155-token micro-batch: " + ", ".join(f"{k} {v:.1f} ms" for k, v in cost.items())
+          + f"  (packed / padded = {cost['packed'] / cost['padded']:.2f}x, checkpointing / none = "
+          f"{cost['padded+checkpointing'] / cost['padded']:.2f}x)")
 
     walls = {}
     for jobs in [int(j) for j in args.jobs.split(",")]:

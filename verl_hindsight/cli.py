@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",
                       help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")
-    demo.add_argument("--batch-tasks", type=int, default=4, help="tasks per training step, each rolled out 4 "
-                      "times (default 4; the first 3-seed study used 8)")
+    demo.add_argument("--batch-tasks", type=int, default=8, help="tasks per training step, each rolled out 4 "
+                      "times (default 8, the 3-seed study's; 4 is ~30%% faster end to end but HINT-SD needs more "
+                      "steps, docs/demo.md)")
     demo.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2: one run keeps ~60%% of "
                       "two cores busy; each needs ~6 GB of memory; 1 runs them one after the other)")
     demo.add_argument("--quick", action="store_true", help="2 steps per method, tiny warm start: a smoke check")

@@ -51,10 +51,10 @@ class DemoConfig:
     ablations: bool = False
     stop_at: Optional[float] = 0.8  # end a run at its first validation success >= this (None: run every step)
     overrides: tuple[str, ...] = ()  # extra hydra overrides for every run (``--override``)
-    # tasks per step (x rollouts episodes). 4 since session 7: a step of 16 episodes costs ~60% of one of 32 (fixed
-    # per-step costs of verl's pipeline stay), which brings the default demo near the issue's ~15 min; the first
-    # 3-seed study used 8 (docs/demo.md, "The 3-seed result")
-    batch_tasks: int = 4
+    # tasks per step (x rollouts episodes). 4 makes a step ~60% as long and the default demo ~16 min instead of
+    # ~22, but HINT-SD then needed 100/110/140 steps on 3 seeds (median 110 / GRPO's 200 = 0.55) against 100/90/70
+    # at 8 (0.45): the comparison is made at 8 (docs/demo.md, "Toward the issue's ~15 minutes")
+    batch_tasks: int = 8
     rollouts: int = 4
     warm_model: Optional[Path] = None  # reuse a warm start (e.g. of an earlier demo run) instead of training one
     # runs at once. One CPU run keeps ~60% of two cores busy (Ray and the agent loop wait on each other), so two
