@@ -51,15 +51,15 @@ class DemoConfig:
     ablations: bool = False
     stop_at: Optional[float] = 0.8  # end a run at its first validation success >= this (None: run every step)
     overrides: tuple[str, ...] = ()  # extra hydra overrides for every run (``--override``)
-    # tasks per step (x rollouts episodes). 4 makes a step ~60% as long and the default demo ~16 min instead of
-    # ~22, but HINT-SD then needed 100/110/140 steps on 3 seeds (median 110 / GRPO's 200 = 0.55) against 100/90/70
-    # at 8 (0.45): the comparison is made at 8 (docs/demo.md, "Toward the issue's ~15 minutes")
+    # tasks per step (x rollouts episodes). 4 makes a step ~60% as long, but HINT-SD then needed 100/110/140 steps
+    # on 3 seeds (median 110 / GRPO's 200 = 0.55) against 100/90/70 at 8 (0.45): the comparison is made at
+    # 8 (docs/demo.md, "Toward the issue's ~15 minutes")
     batch_tasks: int = 8
     rollouts: int = 4
     warm_model: Optional[Path] = None  # reuse a warm start (e.g. of an earlier demo run) instead of training one
     # runs at once. One CPU run keeps ~60% of two cores busy (Ray and the agent loop wait on each other), so two
     # side by side finish ~1.5x sooner than one after the other; three oversubscribe two cores and are slower
-    # (benchmarks/demo_parallel_runs.py). Each run holds ~6 GB of memory.
+    # (benchmarks/demo_wall_time.py). Each run holds ~6 GB of memory.
     jobs: int = 2
 
     @classmethod
