@@ -15,6 +15,7 @@ demo run). Machine load from elsewhere moves every number; the ratios come from 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -89,7 +90,7 @@ def main() -> int:
     parser.add_argument("--run-dir", default=None)
     args = parser.parse_args()
 
-    from verl_hindsight.demo.run import DEMO_MODEL, DemoConfig, planned_runs, run_all
+    from verl_hindsight.demo.run import DEMO_MODEL, WARM_START, DemoConfig, planned_runs, run_all
     from verl_hindsight.demo.warm_start import warm_start
     from verl_hindsight.envs.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
@@ -100,7 +101,7 @@ def main() -> int:
         model = Path(args.warm_model).resolve()
     else:  # the format is enough for timing; the demo's 400 steps would only lengthen the benchmark
         model = Path(warm_start(make_tiny_model(run_dir / "tiny", seed=0, **DEMO_MODEL), run_dir / "warm",
-                                steps=80, lr=1e-3, hint_prob=0.75))
+                                steps=80, **WARM_START))
     train, val = write_env_dataset("toy", run_dir / "data", max_val=64)
 
     cost = micro_batch_cost(model)
@@ -116,7 +117,7 @@ def main() -> int:
         start = time.monotonic()
         if jobs == 1:
             failures, busy = busy_share_while(lambda: run_all(cfg, planned_runs(cfg), model, train, val))
-            print(f"one run at a time keeps {busy:.0%} of the machine's {_cores()} cores busy (start-ups included)")
+            print(f"one run at a time keeps {busy:.0%} of the machine's {os.cpu_count()} cores busy (start-ups included)")
         else:
             failures = run_all(cfg, planned_runs(cfg), model, train, val)
         walls[jobs] = time.monotonic() - start
@@ -126,14 +127,9 @@ def main() -> int:
         print(f"--jobs {jobs}: 3 runs x {args.steps} steps in {walls[jobs]:.0f} s")
     if 1 in walls:
         for jobs, wall in walls.items():
-            print(f"--jobs {jobs} / --jobs 1 wall time = {wall / walls[1]:.2f}x")
+            if jobs != 1:
+                print(f"--jobs {jobs} / --jobs 1 wall time = {wall / walls[1]:.2f}x")
     return 0
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 if __name__ == "__main__":
