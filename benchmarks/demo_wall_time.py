@@ -92,7 +92,7 @@ def main() -> int:
 
     from verl_hindsight.demo.run import DEMO_MODEL, WARM_START, DemoConfig, planned_runs, run_all
     from verl_hindsight.demo.warm_start import warm_start
-    from verl_hindsight.envs.data import write_env_dataset
+    from verl_hindsight.environment.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
 
     run_dir = Path(args.run_dir or f"runs/bench-demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()

@@ -64,7 +64,7 @@ def bench_servers(model_dir: Path, n_requests: int, max_tokens: int, repeats: in
 
 
 def grpo_step_times(model_dir: Path, work: Path, steps: int, max_num_seqs: int) -> dict[str, float]:
-    from verl_hindsight.cli import main_ppo_command
+    from verl_hindsight.launch import main_ppo_command
     from verl_hindsight.tasks.letters import write_dataset
 
     run = work / f"grpo_{max_num_seqs}"

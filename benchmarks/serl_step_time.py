@@ -27,8 +27,8 @@ def main() -> int:
     parser.add_argument("--run-dir", default=None)
     args = parser.parse_args()
 
-    from verl_hindsight.cli import read_metrics, run_main_ppo
-    from verl_hindsight.envs.data import write_env_dataset
+    from verl_hindsight.launch import read_metrics, run_main_ppo
+    from verl_hindsight.environment.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
 
     sys.path.insert(0, str(ROOT / "tests"))

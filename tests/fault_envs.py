@@ -7,7 +7,7 @@ malformed, crash, resetfail (fails in reset), e.g. ``hang-1`` sleeps forever on 
 import os
 import time
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 
 MODES = ("ok", "raise", "hang", "malformed", "crash", "resetfail")
 

@@ -12,81 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
-
-def recipes_dir() -> Path:
-    """Directory holding the hydra recipes (``recipes/`` in a checkout, ``verl_hindsight/recipes`` installed)."""
-    path = Path(str(resources.files("verl_hindsight.recipes")))
-    if not (path / "cpu").is_dir():
-        raise FileNotFoundError(f"verl-hindsight recipes not found under {path}; reinstall the package")
-    return path
-
-
-def main_ppo_command(recipe: str, overrides: list[str]) -> list[str]:
-    """The stock verl command line for ``recipes/<recipe>.yaml`` (e.g. ``cpu/grpo_smoke``)."""
-    group, _, name = recipe.rpartition("/")
-    return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(recipes_dir() / group),
-            "--config-name", name, *overrides]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            rows.append(json.loads(line))
-    return rows
-
-
-def is_port_race(log: str) -> bool:
-    """verl picks torch.distributed's MASTER_PORT as a free port and binds it later; another process (a second run
-    started at the same moment, a busy CI machine) can take it in between. That race is the machine's, not the
-    recipe's: callers run once more, and only for it."""
-    return "EADDRINUSE" in log
-
-
-def run_main_ppo(recipe: str, overrides: list[str], run_dir: Path, total_steps: int, label: str,
-                 position: int = 0) -> int:
-    """Run stock main_ppo in a subprocess: log to ``run_dir/verl.log``, metrics to ``run_dir/metrics.jsonl``.
-    ``position`` is the progress bar's line when several runs go at once."""
-    from tqdm import tqdm
-
-    log_path, metrics_path = run_dir / "verl.log", run_dir / "metrics.jsonl"
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_path), PYTHONUNBUFFERED="1")
-    cmd = main_ppo_command(recipe, [*overrides, f"trainer.total_training_steps={total_steps}",
-                                    f"trainer.default_local_dir={run_dir / 'checkpoints'}"])
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-
-    def show_progress(bar) -> None:
-        done = len({row["step"] for row in read_metrics(metrics_path) if row["step"] >= 1})
-        if done != bar.n:
-            bar.update(done - bar.n)
-
-    with tqdm(total=total_steps, desc=label, unit="step", position=position, leave=True) as bar:
-        for attempt in range(2):
-            metrics_path.unlink(missing_ok=True)
-            bar.reset()
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env)
-                while proc.poll() is None:
-                    time.sleep(1.0)
-                    show_progress(bar)
-            show_progress(bar)
-            if proc.returncode == 0 or attempt or not is_port_race(log_path.read_text()):
-                break
-    if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-30:]
-        print("\n".join(tail), file=sys.stderr)
-        print(f"main_ppo failed (exit {proc.returncode}); full log: {log_path}", file=sys.stderr)
-    return proc.returncode
+from verl_hindsight.launch import recipes_dir
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -140,7 +69,7 @@ def _env_kwargs(text: str | None) -> dict:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from verl_hindsight.envs.data import write_env_dataset
+    from verl_hindsight.environment.data import write_env_dataset
 
     train, val = write_env_dataset(args.env, args.out_dir, _env_kwargs(args.env_kwargs), args.max_train, args.max_val)
     print(f"wrote {train} and {val}")
@@ -148,8 +77,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_env_check(args: argparse.Namespace) -> int:
-    from verl_hindsight.envs.check import run_env_check, summarize
-    from verl_hindsight.envs.runner import RunnerLimits
+    from verl_hindsight.agent_loops.env_check import run_env_check, summarize
+    from verl_hindsight.environment.runner import RunnerLimits
 
     reports = run_env_check(args.env, policy=args.policy, tasks=args.tasks, workers=args.workers, split=args.split,
                             env_kwargs=_env_kwargs(args.env_kwargs), seed=args.seed, max_turns=args.max_turns,

@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from verl_hindsight.cli import is_port_race, main_ppo_command
+from verl_hindsight.launch import is_port_race, main_ppo_command
 
 
 def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):

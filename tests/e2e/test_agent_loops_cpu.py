@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_hindsight.envs.data import write_env_dataset
+from verl_hindsight.environment.data import write_env_dataset
 
 from conftest_e2e import run_recipe  # noqa: E402  (tests/e2e is on sys.path via conftest.py)
 
@@ -35,7 +35,7 @@ def test_text_env_loop_records_spans_for_every_row(format_model, tmp_path):
 
 
 def test_environment_faults_become_failed_trajectories_and_training_continues(format_model, tmp_path):
-    from verl_hindsight.envs.data import env_rows
+    from verl_hindsight.environment.data import env_rows
 
     import pandas as pd
 

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from verl_hindsight.envs.data import env_rows
+from verl_hindsight.environment.data import env_rows
 
 from conftest_e2e import run_recipe
 

@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from verl_hindsight.envs.data import env_rows
+from verl_hindsight.environment.data import env_rows
 from verl_hindsight.tiny_model import make_tiny_model
 
 from conftest_e2e import run_recipe

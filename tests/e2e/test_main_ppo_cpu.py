@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from verl_hindsight.cli import main_ppo_command
+from verl_hindsight.launch import main_ppo_command
 from verl_hindsight.tasks.letters import write_dataset
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from verl_hindsight.envs.data import write_env_dataset
+from verl_hindsight.environment.data import write_env_dataset
 
 from conftest_e2e import run_recipe
 

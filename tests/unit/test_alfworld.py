@@ -31,7 +31,7 @@ def alf_kwargs(alf_cache):
 
 @pytest.fixture(scope="session")
 def oracle_reports(alf_kwargs):
-    from verl_hindsight.envs.check import run_env_check
+    from verl_hindsight.agent_loops.env_check import run_env_check
 
     return {w: run_env_check("alfworld", policy="oracle", tasks=100, workers=w, split="val", env_kwargs=alf_kwargs)
             for w in (1, 2)}
@@ -119,7 +119,7 @@ def test_wrong_action_sequence_does_not_win(alf_kwargs):
 def test_random_policy_and_invalid_action(alf_kwargs):
     import random
 
-    from verl_hindsight.envs.check import run_env_check
+    from verl_hindsight.agent_loops.env_check import run_env_check
 
     reports = run_env_check("alfworld", policy="random", tasks=2, workers=1, split="val", env_kwargs=alf_kwargs,
                             max_turns=10)
@@ -135,7 +135,7 @@ def test_random_policy_and_invalid_action(alf_kwargs):
 
 @pytest.mark.e2e
 def test_default_generated_set_oracle_wins_all_splits(tmp_path_factory):
-    from verl_hindsight.envs.check import run_env_check
+    from verl_hindsight.agent_loops.env_check import run_env_check
 
     cache = str(tmp_path_factory.mktemp("alfworld-gen-default"))
     kwargs = {"source": "generated", "cache_dir": cache}

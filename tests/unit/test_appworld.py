@@ -22,7 +22,7 @@ from verl_hindsight.envs import appworld_tasks
 
 def test_registry_and_stdlib_only_adapter():
     import verl_hindsight.envs.appworld as adapter
-    from verl_hindsight.envs.base import _BUILTIN_ENV_MODULES
+    from verl_hindsight.environment.protocol import _BUILTIN_ENV_MODULES
 
     assert _BUILTIN_ENV_MODULES["appworld"] == "verl_hindsight.envs.appworld"
     assert adapter.AppWorldEnv.name == "appworld"
@@ -78,7 +78,7 @@ def appworld_venv():
 
 @pytest.fixture()
 def env(appworld_venv, tmp_path):
-    from verl_hindsight.envs.base import make_env
+    from verl_hindsight.environment.protocol import make_env
 
     secret_dir = tmp_path / "trainer-secrets"
     secret_dir.mkdir()
@@ -110,8 +110,8 @@ def test_setup_is_idempotent_and_fast(appworld_venv):
 
 @pytest.mark.e2e
 def test_env_check_oracle_passes_every_generated_task(appworld_venv):
-    from verl_hindsight.envs.check import run_env_check, summarize
-    from verl_hindsight.envs.runner import RunnerLimits
+    from verl_hindsight.agent_loops.env_check import run_env_check, summarize
+    from verl_hindsight.environment.runner import RunnerLimits
 
     limits = RunnerLimits(step_timeout_s=120, episode_timeout_s=600, start_timeout_s=60)
     kwargs = {"venv": appworld_venv}
@@ -142,7 +142,7 @@ def test_execution_error_is_immediate_feedback(env):
 
 @pytest.mark.e2e
 def test_max_steps_ends_with_evaluation(appworld_venv):
-    from verl_hindsight.envs.base import make_env
+    from verl_hindsight.environment.protocol import make_env
 
     e = make_env("appworld", venv=appworld_venv, max_steps=2)
     try:
@@ -212,7 +212,7 @@ def test_fault_code_that_kills_the_server(env):
 @pytest.mark.e2e
 def test_fault_through_the_runner_next_episode_runs(appworld_venv):
     """The same fault inside the trainer's worker processes: the episode ends failed, the next one succeeds."""
-    from verl_hindsight.envs.runner import EnvPool, RunnerLimits
+    from verl_hindsight.environment.runner import EnvPool, RunnerLimits
 
     pool = EnvPool("appworld", {"venv": appworld_venv, "http_timeout_s": 8},
                    RunnerLimits(step_timeout_s=120, episode_timeout_s=600))

@@ -12,8 +12,8 @@ pytest.importorskip("bfcl_eval", reason="bfcl-eval not installed: pip install --
 
 from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils  # noqa: E402
 
-from verl_hindsight.envs.base import make_env  # noqa: E402
-from verl_hindsight.envs.check import run_env_check, summarize  # noqa: E402
+from verl_hindsight.environment.protocol import make_env  # noqa: E402
+from verl_hindsight.agent_loops.env_check import run_env_check, summarize  # noqa: E402
 
 
 def _calls(calls, content=""):

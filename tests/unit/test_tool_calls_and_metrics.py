@@ -43,7 +43,7 @@ def test_truncated_call_and_plain_message():
 
 
 def test_payload_round_trip_through_the_toy_tools_env():
-    from verl_hindsight.envs import make_env
+    from verl_hindsight.environment import make_env
 
     env = make_env("toy", interface="tools")
     assert env.tools()[0]["function"]["name"] == "use_key"
@@ -57,7 +57,7 @@ def test_payload_round_trip_through_the_toy_tools_env():
 
 
 def test_env_check_tool_interface_oracle():
-    from verl_hindsight.envs.check import run_env_check
+    from verl_hindsight.agent_loops.env_check import run_env_check
 
     reports = run_env_check("toy", policy="oracle", tasks=10, env_kwargs={"interface": "tools"})
     assert all(r.success for r in reports)

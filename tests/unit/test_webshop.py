@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from verl_hindsight.envs.base import make_env
-from verl_hindsight.envs.webshop import BM25Index, WebShopEnv, parse_action, webshop_reward
-from verl_hindsight.envs.webshop_catalog import build_catalog, default_catalog_path
+from verl_hindsight.environment.protocol import make_env
+from verl_hindsight.envs.webshop import BM25Index, WebShopEnv, default_catalog_path, parse_action, webshop_reward
+from verl_hindsight.envs.webshop_catalog import build_catalog
 
 # A hand-made catalog for hand-computed rewards. Goal: green tea, attributes {organic, caffeine free},
 # options {flavor: mint, size: 100 count}, price <= 20  ->  denominator |attrs| + |opts| + 1 = 5.
@@ -154,7 +154,7 @@ def test_oracle_buys_every_target_in_process():
 
 
 def test_env_check_oracle_and_random_through_workers():
-    from verl_hindsight.envs.check import run_env_check
+    from verl_hindsight.agent_loops.env_check import run_env_check
 
     reports = run_env_check("webshop", policy="oracle", tasks=30, workers=2, split="val")
     assert len(reports) == 30

@@ -1,6 +1,6 @@
 """Shared machinery of the plugin's multi-turn environment agent loops.
 
-An episode: reset the environment (in a worker process, :mod:`verl_hindsight.envs.runner`), render the first
+An episode: reset the environment (in a worker process, :mod:`verl_hindsight.environment.runner`), render the first
 prompt with the model's chat template, then per turn: generate, parse the action (subclass hook), step the
 environment (or give it the malformed action), append the observation as context messages (mask 0), until the
 episode ends, the turn limit, or the ``response_length`` budget.
@@ -39,7 +39,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 
 from verl_hindsight.agent_loops.hindsight_answers import AnswerSettings, answer_episode, answer_fn
 from verl_hindsight.agent_loops.prompts import DEFAULT_FORMAT_INSTRUCTIONS
-from verl_hindsight.envs.runner import EnvFailure, RunnerLimits, get_pool
+from verl_hindsight.environment.runner import EnvFailure, RunnerLimits, get_pool
 
 logger = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from tqdm import tqdm
 
     from verl_hindsight.demo.warm_start import hint_following, warm_start
-    from verl_hindsight.envs.data import write_env_dataset
+    from verl_hindsight.environment.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
 
     runs = planned_runs(cfg)  # an unknown run name fails here, before the warm start
@@ -137,14 +137,14 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, train: Path, val: Path,
             runner: Optional[Callable[..., int]] = None) -> list[str]:
-    """Every (seed, run) through stock main_ppo (``runner``: :func:`verl_hindsight.cli.run_main_ppo`), ``cfg.jobs``
+    """Every (seed, run) through stock main_ppo (``runner``: :func:`verl_hindsight.launch.run_main_ppo`), ``cfg.jobs``
     at a time, started in order; returns the failed run names. Runs are independent processes (each its own Ray
     instance), so a thread per running one only waits on it; each holds its own progress-bar line."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
     if runner is None:
-        from verl_hindsight.cli import run_main_ppo as runner
+        from verl_hindsight.launch import run_main_ppo as runner
 
     free_lines: queue.Queue[int] = queue.Queue()
     for line in range(cfg.jobs):

@@ -18,7 +18,7 @@ import json
 import random
 from typing import Optional
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 
 COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
 KEYS = "ABCDEFGH"

@@ -31,7 +31,7 @@ from typing import Optional
 
 from verl_hindsight.envs import appworld_server as aws
 from verl_hindsight.envs import appworld_tasks
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 
 REAL_SPLITS = {"train": "train", "val": "dev", "dev": "dev", "test_normal": "test_normal",
                "test_challenge": "test_challenge"}

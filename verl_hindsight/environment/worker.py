@@ -1,4 +1,4 @@
-"""Worker process of :mod:`verl_hindsight.envs.runner` (``python -m verl_hindsight.envs.worker``).
+"""Worker process of :mod:`verl_hindsight.environment.runner` (``python -m verl_hindsight.environment.worker``).
 
 Protocol: length-framed pickles ``(op, args)`` in on stdin, ``(status, payload)`` out on a private copy of the
 original stdout; file descriptor 1 is pointed at stderr so environment prints cannot corrupt the channel.
@@ -20,13 +20,13 @@ def main() -> int:
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
 
-    from verl_hindsight.envs.base import (
+    from verl_hindsight.environment.protocol import (
         MalformedEnvOutput,
         make_env,
         validate_observation,
         validate_step_result,
     )
-    from verl_hindsight.envs.runner import _HEADER, write_message
+    from verl_hindsight.environment.runner import _HEADER, write_message
 
     env = None
     while True:

@@ -44,7 +44,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Optional
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 from verl_hindsight.envs.call_parser import (
     CallParseError,
     ParsedCall,

@@ -1,7 +1,7 @@
 """The environment protocol every benchmark implements, and the environment registry.
 
 An environment is a plain, synchronous, single-episode object. The agent loop never calls it directly: it runs
-inside a worker process managed by :mod:`verl_hindsight.envs.runner`, which enforces time limits and turns
+inside a worker process managed by :mod:`verl_hindsight.environment.runner`, which enforces time limits and turns
 crashes, hangs and malformed outputs into data on the trajectory.
 
 Protocol (one episode at a time per instance)::
@@ -141,10 +141,8 @@ def register_env(name: str):
     return decorator
 
 
-# Modules that define the built-in environments; imported on first lookup so that `import verl_hindsight.envs`
-# stays cheap in every verl process.
-# Built-in environments are imported on first use, so a benchmark's optional dependencies are only needed by
-# the users who pick it.
+# The built-in benchmark adapters (the top-level envs/ folder), imported on first use by name: a benchmark's
+# optional dependencies are needed only by the users who pick it, and the protocol never imports an adapter.
 _BUILTIN_ENV_MODULES = {
     "toy": "verl_hindsight.envs.toy",
     "bfcl": "verl_hindsight.envs.bfcl",

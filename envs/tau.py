@@ -48,7 +48,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Optional
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 from verl_hindsight.envs.call_parser import CallParseError, validate_arguments
 
 DOMAINS = ("retail", "airline", "telecom")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from verl_hindsight.envs.base import make_env
+from verl_hindsight.environment.protocol import make_env
 
 TEXT_AGENT = "hindsight_text_env"
 TOOL_AGENT = "hindsight_tool_env"

@@ -18,7 +18,7 @@ from typing import Optional
 
 from verl_hindsight.agent_loops.prompts import initial_messages
 from verl_hindsight.agent_loops.tool_calls import format_tool_calls, parse_tool_calls, tool_payload
-from verl_hindsight.envs.runner import EnvFailure, RunnerLimits, get_pool
+from verl_hindsight.environment.runner import EnvFailure, RunnerLimits, get_pool
 from verl_hindsight.spans import parse_tagged_action
 
 POLICIES = ("oracle", "random")

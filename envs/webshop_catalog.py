@@ -29,6 +29,8 @@ import math
 import random
 from pathlib import Path
 
+from verl_hindsight.envs.webshop import BM25Index, default_catalog_path, product_search_text
+
 LABEL = "WebShop-style synthetic catalog; not comparable to published WebShop scores"
 
 # product type -> (category, attribute pool, {option dim: values}, (price lo, price hi), descriptor nouns)
@@ -147,8 +149,6 @@ def make_goal(product: dict, rng: random.Random, goal_id: str) -> dict:
 
 
 def build_catalog(seed: int = 0, per_type: int = 20) -> dict:
-    from verl_hindsight.envs.webshop import BM25Index, product_search_text
-
     products = make_products(seed, per_type)
     index = BM25Index([product_search_text(p) for p in products])
     rng = random.Random(f"webshop-goals-{seed}")
@@ -163,10 +163,6 @@ def build_catalog(seed: int = 0, per_type: int = 20) -> dict:
     return {"version": 1, "seed": seed, "label": LABEL, "products": products, "goals": goals,
             "splits": {"train": [g for j, g in enumerate(ids) if j % 4 != 3],
                        "val": [g for j, g in enumerate(ids) if j % 4 == 3]}}
-
-
-def default_catalog_path() -> Path:
-    return Path(__file__).resolve().parent / "data_files" / "webshop_catalog.json"
 
 
 def write_catalog(path: str | Path, seed: int = 0, per_type: int = 20) -> Path:

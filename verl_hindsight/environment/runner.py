@@ -7,7 +7,7 @@ dies, the call raises :class:`EnvFailure` with a short ``reason`` (``env_error``
 ``step_timeout``, ``episode_timeout``, ``worker_crashed``, ``worker_start_failed``) and the worker is replaced,
 so the next episode runs on a fresh process. The agent loop records the reason on the trajectory.
 
-Workers are started with ``python -m verl_hindsight.envs.worker`` (not multiprocessing), so they never re-import
+Workers are started with ``python -m verl_hindsight.environment.worker`` (not multiprocessing), so they never re-import
 the parent's ``__main__`` (a Ray worker) and never load torch or verl. Messages are pickled and length-framed
 over the worker's stdin and a private copy of its stdout; anything the environment prints goes to stderr.
 """
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from verl_hindsight.envs.base import Observation, StepResult
+from verl_hindsight.environment.protocol import Observation, StepResult
 
 _HEADER = struct.Struct("!Q")
 
@@ -72,7 +72,7 @@ class EnvWorker:
 
     def __init__(self, env_name: str, env_kwargs: dict, start_timeout_s: float, import_modules: tuple[str, ...]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "verl_hindsight.envs.worker"],
+            [sys.executable, "-m", "verl_hindsight.environment.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # environment prints and tracebacks go to the parent's stderr (verl's log)

@@ -54,6 +54,33 @@ ROOM_OBJECTS = ["AlarmClock", "Book", "CD", "CellPhone", "CreditCard", "KeyChain
                 "RemoteControl", "Statue", "Vase", "Watch", "Box", "Newspaper"]
 OPENABLE = {"Fridge", "Cabinet", "Microwave", "Drawer", "Safe"}
 
+# alfworld's expert breaks loops with the global random module; the generator's verification run and the
+# environment both seed it with this value, so the oracle replays exactly the verified plan
+EXPERT_SEED = 0
+
+
+def require_alfworld():
+    try:
+        import alfworld  # noqa: F401
+        import textworld  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("the alfworld environment needs `pip install alfworld==0.4.2 textworld==1.7.0` "
+                          "(compiles fast-downward-textworld and jericho; needs gcc/g++/cmake)") from exc
+
+
+def start_game(game_file: str):
+    """The real engine on one game, with alfworld's wrappers: demangled names, gamefile, hand-coded expert plan."""
+    require_alfworld()
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import (AlfredDemangler, AlfredExpert, AlfredExpertType,
+                                                           AlfredInfos)
+
+    infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
+    return textworld.start(game_file, request_infos=infos,
+                           wrappers=[AlfredDemangler(shuffle=False), AlfredInfos,
+                                     AlfredExpert(expert_type=AlfredExpertType.HANDCODED)])
+
+
 
 def _mangle_coord(v: float) -> str:
     sign = "_plus_" if v >= 0 else "_minus_"
@@ -225,7 +252,6 @@ def write_game(game_dir: Path, task: dict, rng: random.Random) -> Path:
 
 def play_expert(game_file: str | Path, max_steps: int = 60) -> tuple[bool, list[str]]:
     """Play ``game_file`` with alfworld's hand-coded expert on the real engine: (won, commands)."""
-    from verl_hindsight.envs.alfworld import EXPERT_SEED, start_game
 
     random.seed(EXPERT_SEED)  # the expert breaks loops with random.choice; the env seeds the same way
     env = start_game(str(game_file))

@@ -40,7 +40,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
+from verl_hindsight.envs.alfworld_gen import EXPERT_SEED, ensure_generated, require_alfworld, start_game
 
 SPLITS = ("train", "valid_seen", "valid_unseen")
 TASK_TYPE_SHORT = {
@@ -52,32 +53,9 @@ TASK_TYPE_SHORT = {
     "pick_two_obj_and_place": "pick2",
 }
 NOTHING_HAPPENS = "Nothing happens."
-EXPERT_SEED = 0
 
 # Read once at import, before ``alfworld.info`` (which sets $ALFWORLD_DATA to ~/.cache/alfworld if unset).
 _ENV_DATA = os.environ.get("ALFWORLD_DATA")
-
-
-def _require_alfworld():
-    try:
-        import alfworld  # noqa: F401
-        import textworld  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("the alfworld environment needs `pip install alfworld==0.4.2 textworld==1.7.0` "
-                          "(compiles fast-downward-textworld and jericho; needs gcc/g++/cmake)") from exc
-
-
-def start_game(game_file: str):
-    """The real engine on one game, with alfworld's wrappers: demangled names, gamefile, hand-coded expert plan."""
-    _require_alfworld()
-    import textworld
-    from alfworld.agents.environment.alfred_tw_env import (AlfredDemangler, AlfredExpert, AlfredExpertType,
-                                                           AlfredInfos)
-
-    infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
-    return textworld.start(game_file, request_infos=infos,
-                           wrappers=[AlfredDemangler(shuffle=False), AlfredInfos,
-                                     AlfredExpert(expert_type=AlfredExpertType.HANDCODED)])
 
 
 def find_data_root(path: Optional[str | os.PathLike]) -> Optional[Path]:
@@ -137,7 +115,7 @@ class ALFWorldEnv(Environment):
             raise ValueError(f"alfworld env: source must be 'auto', 'data' or 'generated', got {source!r}")
         if val_split not in SPLITS:
             raise ValueError(f"alfworld env: val_split must be one of {SPLITS}, got {val_split!r}")
-        _require_alfworld()
+        require_alfworld()
         self.val_split, self.max_steps, self.show_actions = val_split, int(max_steps), show_actions
         self.task_types = set(task_types) if task_types else None
         if self.task_types and not self.task_types <= set(TASK_TYPE_SHORT):
@@ -150,7 +128,6 @@ class ALFWorldEnv(Environment):
         if data_root is not None:
             self.root, self.source = data_root, "data"
         else:
-            from verl_hindsight.envs.alfworld_gen import ensure_generated
 
             self.root, self.source = ensure_generated(cache_dir, seed, gen_splits), "generated"
         self._ids: dict[str, list[str]] = {}
@@ -181,7 +158,7 @@ class ALFWorldEnv(Environment):
         traj = json.loads((game_dir / "traj_data.json").read_text())
         self.task_type = traj.get("task_type", "")
         # alfworld's expert breaks loops with the global random module: seed it like the generator's verification
-        # run (alfworld_gen.play_expert) so the oracle replays exactly the verified plan
+        # run (alfworld_gen.play_expert), so the oracle replays exactly the verified plan
         random.seed(EXPERT_SEED)
         self._env = start_game(str(game_dir / "game.tw-pddl"))
         self._state = self._env.reset()

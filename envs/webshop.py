@@ -57,7 +57,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from verl_hindsight.envs.base import Environment, Observation, StepResult, register_env
+from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
 
 LABEL = "WebShop-style, not comparable to published WebShop scores"
 RESULTS_PER_PAGE = 10
@@ -144,10 +144,13 @@ def parse_action(action: str) -> tuple[Optional[str], Optional[str], Optional[st
     return kind, arg, None
 
 
+def default_catalog_path() -> Path:
+    """The catalog shipped with the package (written by :mod:`.webshop_catalog`)."""
+    return Path(__file__).resolve().parent / "data_files" / "webshop_catalog.json"
+
+
 def load_catalog(path: Optional[str | Path] = None) -> dict:
     if path is None:
-        from verl_hindsight.envs.webshop_catalog import default_catalog_path
-
         path = default_catalog_path()
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
