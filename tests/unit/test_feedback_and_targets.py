@@ -9,19 +9,19 @@ The running example is one task (uid "u") rolled out three times:
 import pytest
 
 import verl_hindsight.hindsight.feedback as feedback_module
+from verl_hindsight.config import FeedbackConfig, TargetConfig
 from verl_hindsight.hindsight.feedback import (
-    FeedbackConfig,
     anchor_level,
     anchor_pools,
     compute_feedback,
     get_feedback_source,
     judge_prompt,
+    needs_judge,
     make_judge_source,
     register_feedback_source,
 )
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord
 from verl_hindsight.hindsight.targets import (
-    TargetConfig,
     hindsight_token_mask,
     select_targets,
     target_metrics,
@@ -149,7 +149,7 @@ def test_unknown_source_lists_names():
     with pytest.raises(KeyError):
         get_feedback_source("immediate+nope")
     with pytest.raises(KeyError):
-        FeedbackConfig(source="nope")
+        needs_judge("nope")  # what the trainer checks at startup
 
 
 def test_register_custom_source():

@@ -5,10 +5,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from verl_hindsight.agent_loops.hindsight_answers import answer_metrics
-from verl_hindsight.hindsight.feedback import FeedbackConfig, compute_feedback
+from verl_hindsight.config import FeedbackConfig, TargetConfig, load_hindsight_config
+from verl_hindsight.hindsight.feedback import compute_feedback
 from verl_hindsight.hindsight.records import Trajectory
-from verl_hindsight.hindsight.stage import HindsightSettings, analyzer_picks_of
-from verl_hindsight.hindsight.targets import TargetConfig, select_targets
+from verl_hindsight.hindsight.stage import analyzer_picks_of
+from verl_hindsight.hindsight.targets import select_targets
 
 
 def _cfg(estimator="grpo", **hindsight):
@@ -17,30 +18,30 @@ def _cfg(estimator="grpo", **hindsight):
 
 def test_serl_without_the_stage_is_an_error_naming_the_fix():
     with pytest.raises(ValueError, match="hindsight.enable=true"):
-        HindsightSettings.from_config(_cfg("serl"))
+        load_hindsight_config(_cfg("serl"))
 
 
 def test_distillation_without_the_stage_and_a_stage_nothing_uses_are_errors():
     with pytest.raises(ValueError, match="hindsight.enable=true"):
-        HindsightSettings.from_config(_cfg(distill={"coef": 1.0}))
+        load_hindsight_config(_cfg(distill={"coef": 1.0}))
     with pytest.raises(ValueError, match="nothing uses the teacher"):
-        HindsightSettings.from_config(_cfg(enable=True))
+        load_hindsight_config(_cfg(enable=True))
 
 
 def test_analyzer_sources_need_the_analyzer_role():
     with pytest.raises(ValueError, match="hindsight.analyzer.role=analyzer"):
-        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"}))
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"}))
     with pytest.raises(ValueError, match="role=reflector"):
-        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "reflection"}))
-    with pytest.raises(ValueError, match="unknown keys"):
-        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema", "decay": 1}))
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "reflection"}))
+    with pytest.raises(ValueError, match="hindsight.teacher.decay: Key .decay. not in"):
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema", "decay": 1}))
     with pytest.raises(ValueError, match="hindsight.teacher.kind"):
-        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "best"}))
-    with pytest.raises(ValueError, match="hindsight.teacher.kl_anchor must be initial or teacher"):
-        HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kl_anchor": "policy"}))
-    ok = HindsightSettings.from_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"},
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "best"}))
+    with pytest.raises(ValueError, match="hindsight.teacher.kl_anchor must be one of"):
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kl_anchor": "policy"}))
+    ok = load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"},
                                             targets={"turns": "analyzer_topk"}, analyzer={"role": "analyzer"}))
-    assert ok.enable and ok.analyzer_role == "analyzer" and ok.teacher.kind == "frozen"
+    assert ok.enable and ok.analyzer.role == "analyzer" and ok.teacher.kind == "frozen"
     assert ok.teacher.kl_anchor == "initial"  # a moving teacher never drags the KL anchor unless asked
 
 
@@ -86,12 +87,15 @@ def test_every_shipped_recipe_composes_and_validates():
 
     root = recipes_dir()
     recipes = [p for p in root.rglob("*.yaml")
-               if p.parent.name not in ("methods", "common") and not p.stem.endswith("_common")]
+               if p.parent.name not in ("methods", "common") and not p.stem.endswith(("_common", "_defaults"))]
     assert {"serl", "hint_sd", "hero", "grpo"} <= {p.stem for p in recipes}
     for path in recipes:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-            cfg = compose(config_name=path.stem, overrides=["data.train_files=x", "data.val_files=y"])
-        settings = HindsightSettings.from_config(cfg)
+            # hindsight.* without a `+`: every recipe includes hindsight_defaults.yaml
+            cfg = compose(config_name=path.stem, overrides=["data.train_files=x", "data.val_files=y",
+                                                            "hindsight.dump_rows=3"])
+        settings = load_hindsight_config(cfg)
+        assert settings.dump_rows == 3, path
         method = path.stem.removeprefix("toy_")
         if method in ("serl", "hint_sd", "hero"):
             assert settings.enable, path
@@ -101,12 +105,12 @@ def test_every_shipped_recipe_composes_and_validates():
 def test_stop_at_val_success_needs_a_fraction_and_validation():
     base = {"enable": True, "distill": {"coef": 1.0}}
     with pytest.raises(ValueError, match="stop_at_val_success must be in"):
-        HindsightSettings.from_config(_cfg(stop_at_val_success=80, **base))
+        load_hindsight_config(_cfg(stop_at_val_success=80, **base))
     with pytest.raises(ValueError, match="trainer.test_freq > 0"):
-        HindsightSettings.from_config(_cfg(stop_at_val_success=0.8, **base))
+        load_hindsight_config(_cfg(stop_at_val_success=0.8, **base))
     cfg = _cfg(stop_at_val_success=0.8, **base)
     cfg.trainer = {"test_freq": 10}
-    assert HindsightSettings.from_config(cfg).stop_at_val_success == 0.8
+    assert load_hindsight_config(cfg).stop_at_val_success == 0.8
 
 
 @pytest.mark.parametrize("step, success, total_after", [(30, 0.79, 100), (30, 0.8, 30), (1, 0.9, 1), (100, 1.0, 100)])
@@ -120,3 +124,41 @@ def test_stopping_makes_the_validated_step_the_last(step, success, total_after):
     state = SimpleNamespace(hs=SimpleNamespace(stop_at_val_success=0.8), global_steps=step, total_training_steps=100)
     HindsightTrainer._maybe_stop(state, success)
     assert state.total_training_steps == total_after
+
+
+def _strip_targets(block: dict) -> dict:
+    return {k: _strip_targets(v) if isinstance(v, dict) else v for k, v in block.items() if k != "_target_"}
+
+
+def test_defaults_yaml_equals_the_dataclass_defaults():
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from verl_hindsight.config import HindsightConfig, SERLConfig
+    from verl_hindsight.launch import recipes_dir
+
+    shipped = OmegaConf.to_container(OmegaConf.load(recipes_dir() / "hindsight_defaults.yaml"))
+    assert shipped["hindsight"] == _strip_targets(asdict(HindsightConfig()))
+    assert shipped["algorithm"]["serl"] == _strip_targets(asdict(SERLConfig()))
+
+
+def test_stock_verl_config_takes_double_plus_overrides():
+    """The README's way to use the plugin on verl's own ppo_trainer config, without the defaults file."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=["++hindsight.enable=true", "++hindsight.distill.coef=0.5",
+                                                           "++hindsight.teacher.kind=ema"])
+    settings = load_hindsight_config(cfg)
+    assert (settings.enable, settings.distill.coef, settings.teacher.kind) == (True, 0.5, "ema")
+    assert settings.targets.turns == "with_feedback"  # the rest of the block takes the defaults
+
+
+def test_serl_base_estimator_must_broadcast_over_multi_row_episodes():
+    cfg = _cfg("serl", enable=True, env={"history_turns": 2})
+    cfg.algorithm.serl = {"base_estimator": "rloo"}
+    with pytest.raises(ValueError, match="only for \\('grpo',\\)"):
+        load_hindsight_config(cfg)
+    cfg.algorithm.serl = {"base_estimator": "grpo"}
+    assert load_hindsight_config(cfg).env.history_turns == 2

@@ -175,9 +175,8 @@ def _record(k, start, a, b, end, error):
 def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(env, mode):
     """The whole stage on a batch (feedback source -> targets -> splice -> scorer -> per-row tensors) equals the
     independent assembly, row by row; untargeted rows, turns without feedback and padding rows stay 0."""
-    from verl_hindsight.hindsight.feedback import FeedbackConfig
-    from verl_hindsight.hindsight.stage import Row, TeacherConfig, run_stage
-    from verl_hindsight.hindsight.targets import TargetConfig
+    from verl_hindsight.config import FeedbackConfig, TargetConfig, TeacherConfig
+    from verl_hindsight.hindsight.stage import Row, run_stage
 
     model, tok, renderer, scorer = env
     rng = random.Random(11)
@@ -246,9 +245,8 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
 def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
     """targets.span=message: the hindsight mask covers the targeted turn's whole generated message (format tokens
     included), never the observation tokens after it; values equal the independent assembly."""
-    from verl_hindsight.hindsight.feedback import FeedbackConfig
-    from verl_hindsight.hindsight.stage import Row, TeacherConfig, run_stage
-    from verl_hindsight.hindsight.targets import TargetConfig
+    from verl_hindsight.config import FeedbackConfig, TargetConfig, TeacherConfig
+    from verl_hindsight.hindsight.stage import Row, run_stage
 
     model, tok, renderer, scorer = env
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731

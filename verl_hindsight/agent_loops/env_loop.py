@@ -22,7 +22,7 @@ used. Environment failures never raise out of the loop: the trajectory is kept, 
 
 Dataset rows carry ``extra_info={"env": name, "env_kwargs": json, "task_id": ...}`` (``verl-hindsight
 prepare-data``). Loop settings come from the ``hindsight.env`` config block, overridable per loop in an
-``agent_loop_config_path`` yaml entry (:class:`EnvLoopSettings`).
+``agent_loop_config_path`` yaml entry (:class:`verl_hindsight.config.EnvLoopConfig`).
 """
 
 from __future__ import annotations
@@ -37,42 +37,11 @@ from uuid import uuid4
 import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 
-from verl_hindsight.agent_loops.hindsight_answers import AnswerSettings, answer_episode, answer_fn
-from verl_hindsight.agent_loops.prompts import DEFAULT_FORMAT_INSTRUCTIONS
+from verl_hindsight.agent_loops.hindsight_answers import answer_episode, answer_fn
+from verl_hindsight.config import EnvLoopConfig, load_env_loop_config, load_hindsight_config
 from verl_hindsight.environment.runner import EnvFailure, RunnerLimits, get_pool
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EnvLoopSettings:
-    action_tag: str = "action"
-    max_turns: int = 20
-    step_timeout_s: float = 30.0
-    episode_timeout_s: float = 600.0
-    format_instructions: str = DEFAULT_FORMAT_INSTRUCTIONS
-    env_modules: tuple[str, ...] = ()  # modules to import in env workers (user-registered environments)
-    # None: one growing conversation per episode. K >= 1: every turn gets a fresh prompt showing only the last K
-    # (observation, action) steps and is its own training row (verl-agent style, for long episodes).
-    history_turns: Optional[int] = None
-
-    @classmethod
-    def from_config(cls, config, overrides: dict[str, Any]) -> "EnvLoopSettings":
-        known = {f.name for f in fields(cls)}
-        block: dict[str, Any] = {}
-        hindsight = config.get("hindsight", None) if hasattr(config, "get") else None
-        if hindsight is not None and hindsight.get("env", None) is not None:
-            block = dict(hindsight.get("env"))
-        block.update({k: v for k, v in overrides.items() if k in known})
-        unknown = set(block) - known
-        if unknown:
-            raise ValueError(f"hindsight.env: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        if "env_modules" in block:
-            block["env_modules"] = tuple(block["env_modules"] or ())
-        settings = cls(**block)
-        if settings.history_turns is not None and int(settings.history_turns) < 1:
-            raise ValueError(f"hindsight.env.history_turns must be >= 1 or null, got {settings.history_turns}")
-        return settings
 
 
 @dataclass
@@ -135,17 +104,29 @@ def turn_record(index: int, response_span: tuple[int, int], action_span: Optiona
     }
 
 
+_ENV_LOOP_KEYS = {f.name for f in fields(EnvLoopConfig)} - {"_target_"}
+_settings_cache: dict = {}
+
+
+def _loop_settings(config, overrides: dict[str, Any]):
+    """(``hindsight.env`` with the loop's overrides, ``hindsight.analyzer``), parsed once per worker config: verl
+    builds an agent loop per sample."""
+    key = (id(config), json.dumps(overrides, sort_keys=True, default=str))
+    if key not in _settings_cache:
+        _settings_cache[key] = (load_env_loop_config(config, overrides),
+                                load_hindsight_config(config, validate=False).analyzer)
+    return _settings_cache[key]
+
+
 class EnvAgentLoopBase(AgentLoopBase):
     """Subclasses implement :meth:`initial_messages`, :meth:`parse_action` and :meth:`observation_messages`."""
 
     agent_name = ""
 
     def __init__(self, *args, **kwargs):
-        names = {f.name for f in fields(EnvLoopSettings)}
-        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENV_LOOP_KEYS}
         super().__init__(*args, **kwargs)
-        self.settings = EnvLoopSettings.from_config(self.config, overrides)
-        self.answer_settings = AnswerSettings.from_config(self.config)
+        self.settings, self.answer_settings = _loop_settings(self.config, overrides)
         self.response_length = self.rollout_config.response_length
         self.eos_token_id = self.tokenizer.eos_token_id
 

@@ -1,8 +1,8 @@
-"""Prompt rendering shared by the text-action agent loop and ``env-check`` (kept free of verl imports)."""
+"""Prompt rendering shared by the text-action agent loop and ``env-check``."""
 
 from __future__ import annotations
 
-DEFAULT_FORMAT_INSTRUCTIONS = "Answer with your action inside <{tag}></{tag}>."
+from verl_hindsight.config import DEFAULT_FORMAT_INSTRUCTIONS
 
 
 def system_prompt(instructions: str, tag: str = "action", format_instructions: str = DEFAULT_FORMAT_INSTRUCTIONS) -> str:

@@ -14,8 +14,6 @@ by the mini-batch's share of the batch's rows (the exact count per mini-batch is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from verl.utils import tensordict_utils as tu
@@ -24,6 +22,7 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
 from verl_hindsight.algo.divergences import SAMPLED_DIVERGENCES, sampled_divergence
+from verl_hindsight.config import DIVERGENCES, DistillConfig
 from verl_hindsight.algo.topk_distill import (
     STUDENT_KL_KEY,
     STUDENT_MASS_KEY,
@@ -31,44 +30,8 @@ from verl_hindsight.algo.topk_distill import (
     student_topk_tail_kl,
 )
 
-DIVERGENCES = (*SAMPLED_DIVERGENCES, "topk_tail")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """``hindsight.distill``: the distillation term of the actor loss."""
-
-    coef: float = 0.0  # 0 disables the term (SERL: reweighting only)
-    # k1 | k3 | jsd: sampled-token estimators; topk_tail: reverse KL over the teacher's top-k + a tail bucket,
-    # computed from the student's logits through verl's top-k hook (:mod:`.topk_distill`; FSDP engines)
-    divergence: str = "k3"
-    topk: int = 8  # k of topk_tail
-    jsd_beta: float = 0.5
-    policy_gradient: bool = True  # False: pure distillation, no PG term (HINT-SD's released code)
-    coef_decay_steps: Optional[int] = None  # linear decay of coef to 0 over this many steps; None = constant
-
-    def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"hindsight.distill.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.topk < 1:
-            raise ValueError(f"hindsight.distill.topk must be >= 1, got {self.topk!r}")
-        if self.coef < 0:
-            raise ValueError(f"hindsight.distill.coef must be >= 0, got {self.coef!r}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"hindsight.distill.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
-        if self.coef_decay_steps is not None and self.coef_decay_steps < 1:
-            raise ValueError(f"hindsight.distill.coef_decay_steps must be >= 1 or null, got {self.coef_decay_steps}")
-        if not self.policy_gradient and self.coef == 0:
-            raise ValueError("hindsight.distill.policy_gradient=false with coef=0 trains nothing; set coef > 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.coef > 0
-
-    def coef_at(self, global_step: int) -> float:
-        if self.coef_decay_steps is None:
-            return self.coef
-        return self.coef * max(0.0, 1.0 - float(global_step) / float(self.coef_decay_steps))
+# the config names every divergence this module implements
+assert set(DIVERGENCES) == {*SAMPLED_DIVERGENCES, "topk_tail"}
 
 
 def masked_target_mean(divergence: torch.Tensor, mask: torch.Tensor, num_targets: float, dp_size: int = 1,

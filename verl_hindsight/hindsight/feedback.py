@@ -17,9 +17,9 @@ Rules shared by every source:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from typing import Callable, Optional
 
+from verl_hindsight.config import FeedbackConfig
 from verl_hindsight.hindsight.analyzer import render_trajectory
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord, group_by_uid
 
@@ -27,7 +27,6 @@ Key = tuple[int, int]  # (trajectory index, turn index)
 FeedbackSource = Callable[[list[Trajectory]], dict[Key, str]]
 JudgeFn = Callable[[str], str]
 
-PLACEMENTS = ("turn", "anchor")
 JOIN = "\n\n"  # between the parts of a combined source
 STEP_CHARS = 300  # per-step clip in the compact renderings: one huge observation must not crowd out the rest
 NO_ACTION = "(no valid action)"
@@ -385,23 +384,6 @@ def turn_level(group: list[Trajectory], feedback: dict[Key, str], similarity: Op
 # ---------------------------------------------------------------------------------------------------------------
 # Batch entry point
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FeedbackConfig:
-    source: str = "immediate"  # a registered name, or several joined with '+'
-    placement: str = "turn"  # "turn" | "anchor"
-    similarity: Optional[float] = None  # anchor placement only: difflib ratio threshold (SERL: 0.95); None = exact
-    max_chars: Optional[int] = 4000  # per feedback text, clipped from the start (the end is kept); None = no clip
-
-    def __post_init__(self):
-        needs_judge(self.source)  # fail at config time on unknown names
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"hindsight feedback placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.similarity is not None and not 0.0 < self.similarity <= 1.0:
-            raise ValueError(f"hindsight feedback similarity must be in (0, 1], got {self.similarity!r}")
-        if self.max_chars is not None and self.max_chars < 1:
-            raise ValueError(f"hindsight feedback max_chars must be >= 1 or None, got {self.max_chars!r}")
 
 
 def compute_feedback(trajectories: list[Trajectory], config: FeedbackConfig,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from verl_hindsight.config import TeacherConfig
 from verl_hindsight.hindsight.records import Trajectory
 from verl_hindsight.hindsight.teacher_sequences import (
-    DEFAULT_FEEDBACK_TEMPLATE,
     FeedbackRenderer,
     TargetTurn,
     TopKScorer,
@@ -24,64 +24,6 @@ from verl_hindsight.hindsight.teacher_sequences import (
     map_back_topk,
     plan_teacher_sequences,
 )
-
-TEACHER_KINDS = ("frozen", "ema", "lagged", "live")
-#: teacher kinds whose weights live in the worker's reference model (scored by compute_ref_log_prob)
-REF_TEACHERS = ("frozen", "ema", "lagged")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """``hindsight.teacher``: which model scores the teacher sequences, and how they are built."""
-
-    # frozen: the initial policy (verl's reference model); ema: reference weights <- lerp toward the policy after
-    # every update (HINT-SD: decay 0.999); lagged: reference <- policy every sync_interval updates (SERL: 10);
-    # live: the current policy (collapses in the toy study: it learns to ignore the feedback).
-    kind: str = "frozen"
-    mode: str = "isolated"  # "isolated" | "cumulative"
-    max_length: Optional[int] = None  # default: rollout prompt_length + response_length
-    overflow: str = "truncate_left"  # "truncate_left" | "skip"
-    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
-    ema_decay: float = 0.999
-    sync_interval: int = 10
-    # collapse flag: targeted-token |gap| below this while episode success stays below collapse_success
-    collapse_gap: float = 0.02
-    collapse_success: float = 0.5
-    log_probe: bool = False  # score a fixed probe sequence every step (hindsight/teacher_probe_logprob)
-    # where the feedback goes: right before the target turn (HINT-SD), or at the start of the episode (the
-    # placement ablation of HINT-SD's paper: same feedback, far from the turn it is about)
-    insert_at: str = "target_turn"
-    # what the KL to the reference (actor.use_kl_loss / algorithm.use_kl_in_reward) anchors to when the teacher
-    # moves (ema/lagged): "initial" keeps the reference model on the initial policy and gives the teacher a copy of
-    # the weights of its own (swapped in for the teacher pass only); "teacher" makes the reference model the teacher,
-    # so the anchor moves with it (SERL's released code; it cost a tiny policy its output format in our demo).
-    kl_anchor: str = "initial"
-
-    def __post_init__(self):
-        if self.kind not in TEACHER_KINDS:
-            raise ValueError(f"hindsight.teacher.kind must be one of {TEACHER_KINDS}, got {self.kind!r}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"hindsight.teacher.ema_decay must be in (0, 1), got {self.ema_decay!r}")
-        if self.sync_interval < 1:
-            raise ValueError(f"hindsight.teacher.sync_interval must be >= 1, got {self.sync_interval!r}")
-        if self.insert_at not in ("target_turn", "episode_start"):
-            raise ValueError(f"hindsight.teacher.insert_at must be target_turn or episode_start, got {self.insert_at!r}")
-        if self.kl_anchor not in ("initial", "teacher"):
-            raise ValueError(f"hindsight.teacher.kl_anchor must be initial or teacher, got {self.kl_anchor!r}")
-        if self.insert_at == "episode_start" and self.mode != "isolated":
-            raise ValueError("hindsight.teacher.insert_at=episode_start needs mode=isolated")
-        if "{feedback}" not in self.feedback_template:
-            raise ValueError("hindsight.teacher.feedback_template must contain '{feedback}'")
-
-    @property
-    def uses_reference_model(self) -> bool:
-        return self.kind in REF_TEACHERS
-
-    @property
-    def moves(self) -> bool:
-        """EMA and lagged teachers are updated toward the policy during training."""
-        return self.kind in ("ema", "lagged")
-
 
 @dataclass
 class Row:
@@ -104,110 +46,6 @@ class StageResult:
     inserted_feedback: dict[tuple[int, int], str] = field(default_factory=dict)
     # with a top-k scorer: per row, the teacher's top-k (ids, log-probs), each (response_len, k), zeros elsewhere
     teacher_topk: Optional[list[tuple[Any, Any]]] = None
-
-
-def _dataclass_from(cls, block: Optional[dict]):
-    block = dict(block or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(block) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**block)
-
-
-@dataclass(frozen=True)
-class HindsightSettings:
-    """The ``hindsight`` config block as the trainer sees it (the agent loops read ``env`` and ``analyzer``)."""
-
-    enable: bool = False
-    feedback: Any = None  # FeedbackConfig
-    targets: Any = None  # TargetConfig
-    teacher: TeacherConfig = TeacherConfig()
-    distill: Any = None  # DistillConfig
-    analyzer_role: str = "none"
-    replay_poll_interval_s: float = 0.05
-    dump_dir: Optional[str] = None  # write sampled trajectories with per-token hindsight values (the viewer's input)
-    dump_rows: int = 8  # trajectories dumped per step
-    # "actions": the policy-gradient advantage is zeroed outside action tokens, so reasoning/format tokens get no
-    # PG update (the toy study's setting; it keeps a tiny model from losing its output format). "all": verl's way.
-    advantage_tokens: str = "all"
-    # stop training at the first validation with hindsight/val_success >= this (the toy study's protocol: runs end
-    # at the first eval >= 0.8); null trains for trainer.total_training_steps
-    stop_at_val_success: Optional[float] = None
-
-    @classmethod
-    def from_config(cls, config) -> "HindsightSettings":
-        from verl_hindsight.agent_loops.hindsight_answers import AnswerSettings
-        from verl_hindsight.algo.loss import DistillConfig
-        from verl_hindsight.hindsight.feedback import FeedbackConfig
-        from verl_hindsight.hindsight.targets import TargetConfig
-
-        block = config.get("hindsight", None) if hasattr(config, "get") else None
-        block = dict(block) if block is not None else {}
-        known = {"enable", "feedback", "targets", "teacher", "distill", "analyzer", "env", "replay_poll_interval_s",
-                 "dump_dir", "dump_rows", "advantage_tokens", "stop_at_val_success"}
-        unknown = set(block) - known
-        if unknown:
-            raise ValueError(f"hindsight: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-
-        def sub(name):
-            value = block.get(name)
-            return dict(value) if value is not None else {}
-
-        answers = AnswerSettings.from_config(config)
-        settings = cls(
-            enable=bool(block.get("enable", False)),
-            feedback=_dataclass_from(FeedbackConfig, sub("feedback")),
-            targets=_dataclass_from(TargetConfig, sub("targets")),
-            teacher=_dataclass_from(TeacherConfig, sub("teacher")),
-            distill=_dataclass_from(DistillConfig, sub("distill")),
-            analyzer_role=answers.role,
-            replay_poll_interval_s=float(block.get("replay_poll_interval_s", 0.05)),
-            dump_dir=block.get("dump_dir"),
-            dump_rows=int(block.get("dump_rows", 8)),
-            advantage_tokens=str(block.get("advantage_tokens", "all")),
-            stop_at_val_success=(None if block.get("stop_at_val_success") is None
-                                 else float(block["stop_at_val_success"])),
-        )
-        settings.validate(config)
-        return settings
-
-    def validate(self, config) -> None:
-        """Configs that would silently do nothing, or something else than asked, fail here with the fix."""
-        if self.advantage_tokens not in ("all", "actions"):
-            raise ValueError(f"hindsight.advantage_tokens must be 'all' or 'actions', got {self.advantage_tokens!r}")
-        if self.stop_at_val_success is not None:
-            if not 0.0 < self.stop_at_val_success <= 1.0:
-                raise ValueError(f"hindsight.stop_at_val_success must be in (0, 1] or null, got "
-                                 f"{self.stop_at_val_success}")
-            test_freq = config.get("trainer", {}).get("test_freq", -1) if hasattr(config, "get") else -1
-            if test_freq is None or int(test_freq) <= 0:
-                raise ValueError("hindsight.stop_at_val_success needs validation during training: set "
-                                 f"trainer.test_freq > 0 (got {test_freq})")
-        algorithm = config.get("algorithm", {}) if hasattr(config, "get") else {}
-        estimator = str(algorithm.get("adv_estimator", "")) if algorithm is not None else ""
-        if estimator == "serl" and not self.enable:
-            raise ValueError("algorithm.adv_estimator=serl needs the hindsight stage: set hindsight.enable=true "
-                             "(and trainer.v1.trainer_mode=hindsight); see recipes/serl.yaml")
-        if self.distill.enabled and not self.enable:
-            raise ValueError("hindsight.distill.coef > 0 needs the hindsight stage: set hindsight.enable=true")
-        if self.enable and estimator != "serl" and not self.distill.enabled:
-            raise ValueError("hindsight.enable=true but nothing uses the teacher: set algorithm.adv_estimator=serl "
-                             "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
-        if self.distill.enabled and self.distill.divergence == "topk_tail":
-            actor = config.get("actor_rollout_ref", {}).get("actor", {}) if hasattr(config, "get") else {}
-            strategy = str(actor.get("strategy", "fsdp")) if actor is not None else "fsdp"
-            if strategy not in ("fsdp", "fsdp2"):
-                raise ValueError(f"hindsight.distill.divergence=topk_tail runs in the FSDP engine's logits hook; "
-                                 f"actor_rollout_ref.actor.strategy={strategy} is not supported (its logits are "
-                                 "vocab-sharded): use divergence=k3 there")
-        source = self.feedback.source.split("+")
-        if "analyzer" in source and self.analyzer_role != "analyzer":
-            raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")
-        if "reflection" in source and self.analyzer_role != "reflector":
-            raise ValueError("hindsight.feedback.source=reflection needs hindsight.analyzer.role=reflector")
-        if self.targets.uses_analyzer and self.analyzer_role != "analyzer":
-            raise ValueError(f"hindsight.targets.turns={self.targets.turns} needs hindsight.analyzer.role=analyzer")
 
 
 def analyzer_picks_of(trajectories: list[Trajectory]) -> dict[int, list[int]]:

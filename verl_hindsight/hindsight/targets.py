@@ -1,5 +1,5 @@
 """Which turns the self-teacher distils (SERL: every action turn with feedback; HINT-SD: analyzer-picked steps
-of failed episodes, methods-reference A1/A2), and the token mask that follows from them.
+of failed episodes), and the token mask that follows from them.
 
 Only action tokens are ever targeted: a turn without an action span cannot be picked, and within a picked turn
 only positions where the agent loop's ``action_mask`` is 1 count (reasoning and format tokens keep plain RL).
@@ -8,39 +8,10 @@ Trajectories whose environment failed are never targeted: their records are not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
+from verl_hindsight.config import TargetConfig
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord
-
-TURN_MODES = ("all", "with_feedback", "analyzer_first", "analyzer_topk")
-TRAJECTORY_MODES = ("failed", "all")
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    turns: str = "with_feedback"  # see TURN_MODES
-    k: int = 3  # analyzer_topk: at most this many turns per trajectory (HINT-SD multi: 3)
-    trajectories: str = "all"  # "failed": unsuccessful rollouts only (HINT-SD); "all" (SERL)
-    # which tokens of a targeted turn: "action" = the action tokens only (SERL's placement); "message" = every
-    # token the policy generated in that turn (HINT-SD's released loss covers the step's whole response; on the
-    # toy corridor it also anchors the <action> format tokens to the teacher, see recipes/cpu/toy_hint_sd.yaml)
-    span: str = "action"
-
-    def __post_init__(self):
-        if self.span not in ("action", "message"):
-            raise ValueError(f"hindsight.targets.span must be 'action' or 'message', got {self.span!r}")
-        if self.turns not in TURN_MODES:
-            raise ValueError(f"hindsight target turns must be one of {TURN_MODES}, got {self.turns!r}")
-        if self.trajectories not in TRAJECTORY_MODES:
-            raise ValueError(f"hindsight target trajectories must be one of {TRAJECTORY_MODES}, "
-                             f"got {self.trajectories!r}")
-        if self.k < 1:
-            raise ValueError(f"hindsight target k must be >= 1, got {self.k!r}")
-
-    @property
-    def uses_analyzer(self) -> bool:
-        return self.turns.startswith("analyzer")
 
 
 def eligible(traj: Trajectory, config: TargetConfig) -> bool:

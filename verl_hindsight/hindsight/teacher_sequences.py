@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-DEFAULT_FEEDBACK_TEMPLATE = "Consider the following feedback to solve this step:\n\n{feedback}"
+from verl_hindsight.config import DEFAULT_FEEDBACK_TEMPLATE
+
 
 Scorer = Callable[[list[list[int]]], list[list[float]]]
 

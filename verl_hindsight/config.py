@@ -1,0 +1,394 @@
+"""Every setting verl-hindsight reads, as typed dataclasses in verl's config style, and the one function that parses
+them from a hydra config.
+
+Two config blocks:
+
+- ``hindsight``: :class:`HindsightConfig` (the stage, the teacher, the distillation term, the analyzer and the
+  environment agent loops);
+- ``algorithm.serl``: :class:`SERLConfig` (the ``serl`` advantage estimator).
+
+The defaults ship as ``recipes/hindsight_defaults.yaml`` (installed as ``verl_hindsight.recipes``); a config that
+includes it can set ``hindsight.*`` without a ``+`` prefix. The dataclass defaults and that file are kept equal by a
+unit test. Like verl's own configs (:class:`verl.base_config.BaseConfig`), instances are read-only after
+construction and behave as mappings; :func:`verl.utils.config.omega_conf_to_dataclass` does the conversion, so an
+unknown key or a value of the wrong type fails with the key's full name. ``__post_init__`` checks the values a
+block can check alone; :meth:`HindsightConfig.validate` checks combinations with the rest of the run's config.
+
+This module is the bottom layer of the package: it imports nothing from ``verl_hindsight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from verl.base_config import BaseConfig
+
+SECTION = "hindsight"
+
+TEACHER_KINDS = ("frozen", "ema", "lagged", "live")
+#: teacher kinds whose weights live in the worker's reference model (scored by compute_ref_log_prob)
+REF_TEACHERS = ("frozen", "ema", "lagged")
+PLACEMENTS = ("turn", "anchor")
+TURN_MODES = ("all", "with_feedback", "analyzer_first", "analyzer_topk")
+TRAJECTORY_MODES = ("failed", "all")
+DIVERGENCES = ("k1", "k3", "jsd", "topk_tail")
+ANALYZER_ROLES = ("none", "analyzer", "reflector")
+ANALYZER_CLIENTS = ("policy", "openai")
+
+DEFAULT_FEEDBACK_TEMPLATE = "Consider the following feedback to solve this step:\n\n{feedback}"
+DEFAULT_FORMAT_INSTRUCTIONS = "Answer with your action inside <{tag}></{tag}>."
+
+#: verl estimators SERL can reweight: outcome estimators that need only rewards, the response mask and group ids
+#: (no critic, no reward baselines, no extra batch fields)
+SERL_BASE_ESTIMATORS = ("grpo", "grpo_vectorized", "grpo_passk", "rloo", "rloo_vectorized", "reinforce_plus_plus",
+                        "reinforce_plus_plus_baseline", "opo", "gpg")
+#: of those, the ones verl's V1 trainer broadcasts over an episode that spans several rows (hindsight.env
+#: history_turns): it computes the group statistics on each episode's last row only for GRPO
+MULTI_ROW_BASE_ESTIMATORS = ("grpo",)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class FeedbackConfig(BaseConfig):
+    """``hindsight.feedback``: what hindsight text the teacher sees, and at which turns."""
+
+    source: str = "immediate"  # a registered feedback source, or several joined with '+'
+    placement: str = "turn"  # turn | anchor
+    similarity: Optional[float] = None  # anchor placement: difflib ratio threshold (SERL: 0.95); null = exact match
+    max_chars: Optional[int] = 4000  # per feedback text, clipped from the start (the end is kept); null = no clip
+
+    def __post_init__(self):
+        if not self.source or any(not part.strip() for part in self.source.split("+")):
+            raise ValueError(f"hindsight.feedback.source must name one or more sources joined with '+', "
+                             f"got {self.source!r}")
+        _check_choice("hindsight.feedback.placement", self.placement, PLACEMENTS)
+        if self.similarity is not None and not 0.0 < self.similarity <= 1.0:
+            raise ValueError(f"hindsight.feedback.similarity must be in (0, 1] or null, got {self.similarity!r}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ValueError(f"hindsight.feedback.max_chars must be >= 1 or null, got {self.max_chars!r}")
+
+    @property
+    def sources(self) -> list[str]:
+        return [part.strip() for part in self.source.split("+")]
+
+
+@dataclass
+class TargetConfig(BaseConfig):
+    """``hindsight.targets``: which turns of which trajectories get hindsight credit, and which of their tokens."""
+
+    turns: str = "with_feedback"  # all | with_feedback | analyzer_first | analyzer_topk
+    k: int = 3  # analyzer_topk: at most this many turns per trajectory (HINT-SD multi: 3)
+    trajectories: str = "all"  # failed: unsuccessful rollouts only (HINT-SD); all (SERL)
+    # action: the action tokens only (SERL's placement); message: every token the policy generated in the turn
+    # (HINT-SD's released loss covers the step's whole response)
+    span: str = "action"
+
+    def __post_init__(self):
+        _check_choice("hindsight.targets.turns", self.turns, TURN_MODES)
+        _check_choice("hindsight.targets.trajectories", self.trajectories, TRAJECTORY_MODES)
+        _check_choice("hindsight.targets.span", self.span, ("action", "message"))
+        if self.k < 1:
+            raise ValueError(f"hindsight.targets.k must be >= 1, got {self.k!r}")
+
+    @property
+    def uses_analyzer(self) -> bool:
+        return self.turns.startswith("analyzer")
+
+
+@dataclass
+class TeacherConfig(BaseConfig):
+    """``hindsight.teacher``: which weights score the teacher sequences, and how those sequences are built."""
+
+    # frozen: the initial policy (verl's reference model); ema: lerp toward the policy after every update
+    # (HINT-SD: decay 0.999); lagged: a copy of the policy every sync_interval updates (SERL: 10); live: the
+    # current policy
+    kind: str = "frozen"
+    mode: str = "isolated"  # isolated: one teacher sequence per targeted turn | cumulative: one per trajectory
+    max_length: Optional[int] = None  # null: rollout prompt_length + response_length
+    overflow: str = "truncate_left"  # truncate_left | skip
+    feedback_template: str = DEFAULT_FEEDBACK_TEMPLATE
+    ema_decay: float = 0.999
+    sync_interval: int = 10
+    # collapse flag: targeted-token |gap| below collapse_gap while episode success stays below collapse_success
+    collapse_gap: float = 0.02
+    collapse_success: float = 0.5
+    log_probe: bool = False  # score a fixed probe sequence every step (hindsight/teacher_probe_logprob)
+    # target_turn: feedback right before the turn it is about (HINT-SD); episode_start: the same feedback at the
+    # start of the episode (the placement ablation of HINT-SD's paper)
+    insert_at: str = "target_turn"
+    # What a KL to the reference (actor.use_kl_loss / algorithm.use_kl_in_reward) anchors to when the teacher moves.
+    # initial: the reference model stays the initial policy and the teacher gets weights of its own, swapped in for
+    # the teacher pass only. teacher: the reference model is the teacher, so the anchor moves with it (SERL's
+    # released code).
+    kl_anchor: str = "initial"
+
+    def __post_init__(self):
+        _check_choice("hindsight.teacher.kind", self.kind, TEACHER_KINDS)
+        _check_choice("hindsight.teacher.mode", self.mode, ("isolated", "cumulative"))
+        _check_choice("hindsight.teacher.overflow", self.overflow, ("truncate_left", "skip"))
+        _check_choice("hindsight.teacher.insert_at", self.insert_at, ("target_turn", "episode_start"))
+        _check_choice("hindsight.teacher.kl_anchor", self.kl_anchor, ("initial", "teacher"))
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"hindsight.teacher.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.sync_interval < 1:
+            raise ValueError(f"hindsight.teacher.sync_interval must be >= 1, got {self.sync_interval!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"hindsight.teacher.max_length must be >= 2 or null, got {self.max_length!r}")
+        if self.insert_at == "episode_start" and self.mode != "isolated":
+            raise ValueError("hindsight.teacher.insert_at=episode_start needs hindsight.teacher.mode=isolated")
+        if "{feedback}" not in self.feedback_template:
+            raise ValueError("hindsight.teacher.feedback_template must contain '{feedback}'")
+
+    @property
+    def uses_reference_model(self) -> bool:
+        return self.kind in REF_TEACHERS
+
+    @property
+    def moves(self) -> bool:
+        """EMA and lagged teachers are updated toward the policy during training."""
+        return self.kind in ("ema", "lagged")
+
+
+@dataclass
+class DistillConfig(BaseConfig):
+    """``hindsight.distill``: the distillation term of the actor loss."""
+
+    coef: float = 0.0  # 0 disables the term (SERL: reweighting only)
+    # k1 | k3 | jsd: sampled-token estimators; topk_tail: reverse KL over the teacher's top-k plus a tail bucket,
+    # from the student's logits through verl's top-k hook (FSDP engines)
+    divergence: str = "k3"
+    topk: int = 8  # k of topk_tail
+    jsd_beta: float = 0.5
+    policy_gradient: bool = True  # false: pure distillation, no policy-gradient term (HINT-SD's released code)
+    coef_decay_steps: Optional[int] = None  # linear decay of coef to 0 over this many updates; null = constant
+
+    def __post_init__(self):
+        _check_choice("hindsight.distill.divergence", self.divergence, DIVERGENCES)
+        if self.topk < 1:
+            raise ValueError(f"hindsight.distill.topk must be >= 1, got {self.topk!r}")
+        if self.coef < 0:
+            raise ValueError(f"hindsight.distill.coef must be >= 0, got {self.coef!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"hindsight.distill.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
+        if self.coef_decay_steps is not None and self.coef_decay_steps < 1:
+            raise ValueError(f"hindsight.distill.coef_decay_steps must be >= 1 or null, got {self.coef_decay_steps}")
+        if not self.policy_gradient and self.coef == 0:
+            raise ValueError("hindsight.distill.policy_gradient=false with coef=0 trains nothing; set coef > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    def coef_at(self, updates_done: int) -> float:
+        if self.coef_decay_steps is None:
+            return self.coef
+        return self.coef * max(0.0, 1.0 - float(updates_done) / float(self.coef_decay_steps))
+
+
+@dataclass
+class AnalyzerConfig(BaseConfig):
+    """``hindsight.analyzer``: the model that reads a finished episode in the agent loop (HINT-SD's analyzer picks
+    failure-relevant steps with corrections; HERO's reflector writes a turn-level diagnosis)."""
+
+    role: str = "none"  # none | analyzer (HINT-SD) | reflector (HERO)
+    client: str = "policy"  # policy: the rollout server; openai: any OpenAI-compatible endpoint
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None  # name of the environment variable holding the API key
+    k: int = 3  # analyzer: at most k steps (HINT-SD multi)
+    variant: str = "multi"  # analyzer: multi | single
+    only_failed: Optional[bool] = None  # null: analyzer true (HINT-SD), reflector false (HERO)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 512
+    max_chars: int = 12000
+    timeout_s: float = 60.0
+
+    def __post_init__(self):
+        _check_choice("hindsight.analyzer.role", self.role, ANALYZER_ROLES)
+        _check_choice("hindsight.analyzer.client", self.client, ANALYZER_CLIENTS)
+        _check_choice("hindsight.analyzer.variant", self.variant, ("multi", "single"))
+        if self.client == "openai" and not (self.base_url and self.model):
+            raise ValueError("hindsight.analyzer.client=openai needs hindsight.analyzer.base_url and .model")
+        if self.k < 1:
+            raise ValueError(f"hindsight.analyzer.k must be >= 1, got {self.k!r}")
+
+    @property
+    def failed_only(self) -> bool:
+        return self.only_failed if self.only_failed is not None else self.role == "analyzer"
+
+
+@dataclass
+class EnvLoopConfig(BaseConfig):
+    """``hindsight.env``: the environment agent loops (any key can be overridden per loop in an
+    ``agent_loop_config_path`` entry)."""
+
+    action_tag: str = "action"
+    max_turns: int = 20
+    step_timeout_s: float = 30.0
+    episode_timeout_s: float = 600.0
+    format_instructions: str = DEFAULT_FORMAT_INSTRUCTIONS
+    env_modules: list[str] = field(default_factory=list)  # modules to import in env workers (user environments)
+    # null: one growing conversation per episode. K >= 1: every turn gets a fresh prompt showing only the last K
+    # (observation, action) steps and is its own training row (for long episodes)
+    history_turns: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_turns < 1:
+            raise ValueError(f"hindsight.env.max_turns must be >= 1, got {self.max_turns!r}")
+        if self.step_timeout_s <= 0 or self.episode_timeout_s <= 0:
+            raise ValueError("hindsight.env.step_timeout_s and episode_timeout_s must be > 0")
+        if self.history_turns is not None and self.history_turns < 1:
+            raise ValueError(f"hindsight.env.history_turns must be >= 1 or null, got {self.history_turns}")
+
+
+@dataclass
+class HindsightConfig(BaseConfig):
+    """The ``hindsight`` block."""
+
+    enable: bool = False  # run the hindsight stage (feedback, targets, teacher log-probs) every training step
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    env: EnvLoopConfig = field(default_factory=EnvLoopConfig)
+    # verl's replay buffer polls TransferQueue for finished rollouts every 2 s; a floor on every step of small runs
+    replay_poll_interval_s: float = 0.05
+    dump_dir: Optional[str] = None  # write sampled trajectories with per-token values (the viewer's input)
+    dump_rows: int = 8  # trajectories dumped per step
+    # actions: the policy-gradient advantage is zeroed outside action tokens, so reasoning and format tokens get no
+    # policy-gradient update; all: verl's behaviour
+    advantage_tokens: str = "all"
+    # stop training after the first validation with hindsight/val_success >= this; null: train for
+    # trainer.total_training_steps
+    stop_at_val_success: Optional[float] = None
+
+    def __post_init__(self):
+        _check_choice("hindsight.advantage_tokens", self.advantage_tokens, ("all", "actions"))
+        if self.replay_poll_interval_s <= 0:
+            raise ValueError(f"hindsight.replay_poll_interval_s must be > 0, got {self.replay_poll_interval_s}")
+        if self.dump_rows < 1:
+            raise ValueError(f"hindsight.dump_rows must be >= 1, got {self.dump_rows}")
+        if self.stop_at_val_success is not None and not 0.0 < self.stop_at_val_success <= 1.0:
+            raise ValueError(f"hindsight.stop_at_val_success must be in (0, 1] or null, got "
+                             f"{self.stop_at_val_success}")
+
+    def validate(self, config: Any) -> None:
+        """Combinations with the rest of the run's config that would silently do nothing, or something else than
+        asked, fail here with the fix."""
+        estimator = str(_get(config, "algorithm", "adv_estimator", default=""))
+        if self.stop_at_val_success is not None:
+            test_freq = _get(config, "trainer", "test_freq", default=-1)
+            if test_freq is None or int(test_freq) <= 0:
+                raise ValueError("hindsight.stop_at_val_success needs validation during training: set "
+                                 f"trainer.test_freq > 0 (got {test_freq})")
+        if estimator == "serl" and not self.enable:
+            raise ValueError("algorithm.adv_estimator=serl needs the hindsight stage: set hindsight.enable=true "
+                             "(and trainer.v1.trainer_mode=hindsight); see recipes/serl.yaml")
+        if self.distill.enabled and not self.enable:
+            raise ValueError("hindsight.distill.coef > 0 needs the hindsight stage: set hindsight.enable=true")
+        if self.enable and estimator != "serl" and not self.distill.enabled:
+            raise ValueError("hindsight.enable=true but nothing uses the teacher: set algorithm.adv_estimator=serl "
+                             "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
+        if self.distill.enabled and self.distill.divergence == "topk_tail":
+            strategy = str(_get(config, "actor_rollout_ref", "actor", "strategy", default="fsdp"))
+            if strategy not in ("fsdp", "fsdp2"):
+                raise ValueError(f"hindsight.distill.divergence=topk_tail runs in the FSDP engine's logits hook; "
+                                 f"actor_rollout_ref.actor.strategy={strategy} is not supported (its logits are "
+                                 "vocab-sharded): use divergence=k3 there")
+        sources = self.feedback.sources
+        if "analyzer" in sources and self.analyzer.role != "analyzer":
+            raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")
+        if "reflection" in sources and self.analyzer.role != "reflector":
+            raise ValueError("hindsight.feedback.source=reflection needs hindsight.analyzer.role=reflector")
+        if self.targets.uses_analyzer and self.analyzer.role != "analyzer":
+            raise ValueError(f"hindsight.targets.turns={self.targets.turns} needs hindsight.analyzer.role=analyzer")
+        if estimator == "serl":
+            serl = load_serl_config(_get(config, "algorithm", default=None))
+            if self.env.history_turns is not None and serl.base_estimator not in MULTI_ROW_BASE_ESTIMATORS:
+                raise ValueError(f"algorithm.serl.base_estimator={serl.base_estimator} with hindsight.env.history_turns"
+                                 f"={self.env.history_turns}: an episode spans several rows and verl's V1 trainer "
+                                 f"broadcasts the advantage over them only for {MULTI_ROW_BASE_ESTIMATORS}; use one of "
+                                 "those or history_turns=null")
+
+
+@dataclass
+class SERLConfig(BaseConfig):
+    """``algorithm.serl``: SERL's reweighting of a verl estimator's advantage (:mod:`verl_hindsight.algo.serl`)."""
+
+    base_estimator: str = "grpo"  # the verl estimator whose advantage is reweighted
+    weight_clip: float = 0.2
+    mixing_lambda: float = 0.5
+    lambda_decay_steps: int = 50
+
+    def __post_init__(self):
+        _check_choice("algorithm.serl.base_estimator", self.base_estimator, SERL_BASE_ESTIMATORS)
+        if not 0.0 <= self.weight_clip < 1.0:
+            raise ValueError(f"algorithm.serl.weight_clip must be in [0, 1), got {self.weight_clip!r}")
+        if not 0.0 <= self.mixing_lambda <= 1.0:
+            raise ValueError(f"algorithm.serl.mixing_lambda must be in [0, 1], got {self.mixing_lambda!r}")
+        if self.lambda_decay_steps < 1:
+            raise ValueError(f"algorithm.serl.lambda_decay_steps must be >= 1, got {self.lambda_decay_steps!r}")
+
+    def mixing(self, updates_done: int) -> float:
+        """l_k: mixing_lambda decaying linearly to 0 at ``lambda_decay_steps`` policy updates."""
+        return self.mixing_lambda * max(0.0, 1.0 - float(updates_done) / float(self.lambda_decay_steps))
+
+
+def _get(config: Any, *keys: str, default: Any = None) -> Any:
+    """``config[k1][k2]...`` for DictConfigs, dicts and dataclass configs; ``default`` when any level is missing."""
+    node = config
+    for key in keys:
+        if node is None:
+            return default
+        node = node.get(key, None) if hasattr(node, "get") else getattr(node, key, None)
+    return default if node is None else node
+
+
+def _to_dataclass(block: Any, cls: type, name: str):
+    from omegaconf.errors import OmegaConfBaseException
+    from verl.utils.config import omega_conf_to_dataclass
+
+    if block is None:
+        return cls()
+    if isinstance(block, cls):
+        return block
+    try:
+        return omega_conf_to_dataclass(block, cls)
+    except OmegaConfBaseException as exc:
+        # OmegaConf names the offending key relative to the block: give its full name
+        key = f"{name}.{exc.full_key}" if getattr(exc, "full_key", None) else name
+        raise ValueError(f"{key}: {str(exc).splitlines()[0]} (every key and its default: "
+                         "recipes/hindsight_defaults.yaml)") from None
+
+
+def load_hindsight_config(config: Any, validate: bool = True) -> HindsightConfig:
+    """The run's ``hindsight`` block as a :class:`HindsightConfig` (defaults where the block or a key is absent);
+    with ``validate``, also checks it against the rest of ``config``."""
+    settings = _to_dataclass(_get(config, SECTION), HindsightConfig, SECTION)
+    if validate:
+        settings.validate(config)
+    return settings
+
+
+def load_serl_config(algorithm: Any) -> SERLConfig:
+    """``algorithm.serl`` as a :class:`SERLConfig` (defaults where absent)."""
+    return _to_dataclass(_get(algorithm, "serl"), SERLConfig, "algorithm.serl")
+
+
+def load_env_loop_config(config: Any, overrides: Optional[dict[str, Any]] = None) -> EnvLoopConfig:
+    """``hindsight.env`` with an agent loop's own overrides (its ``agent_loop_config_path`` entry) on top; override
+    keys that are not env-loop settings belong to the loop's other arguments and are ignored here."""
+    from omegaconf import OmegaConf
+
+    block = _get(config, SECTION, "env")
+    merged = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block or {})
+    names = set(EnvLoopConfig.__dataclass_fields__) - {"_target_"}
+    merged.update({k: v for k, v in (overrides or {}).items() if k in names})
+    return _to_dataclass(merged, EnvLoopConfig, "hindsight.env")
