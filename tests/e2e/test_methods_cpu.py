@@ -34,6 +34,9 @@ def _finite(rows, prefix):
 def test_serl_reweights_only_hindsight_tokens(format_model, data, tmp_path):
     rows = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path))
     assert len(rows) == 2
+    # serl/* metrics are written only by the function verl's registry returns for "serl" (compute_serl_advantage,
+    # called with the trainer's metrics dict), so their presence shows the registered estimator produced the
+    # advantages that trained
     _finite(rows, "hindsight/")
     _finite(rows, "serl/")
     for m in rows:
@@ -43,6 +46,19 @@ def test_serl_reweights_only_hindsight_tokens(format_model, data, tmp_path):
         assert m["serl/changed_tokens"] <= m["serl/hindsight_tokens"]
         assert 0.8 - 1e-6 <= m["serl/weight_mean"] <= 1.2 + 1e-6
     assert rows[0]["serl/lambda"] == 0.5 and rows[1]["serl/lambda"] == pytest.approx(0.49)
+    assert any(m["serl/changed_tokens"] > 0 for m in rows)
+
+
+def test_serl_on_another_verl_base_estimator(format_model, data, tmp_path):
+    """algorithm.serl.base_estimator=rloo: verl's RLOO advantage, reweighted by the same registered estimator."""
+    rows = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path) + [
+        "algorithm.serl.base_estimator=rloo"])
+    assert len(rows) == 2
+    _finite(rows, "serl/")
+    for m in rows:
+        assert m["hindsight/stage_active"] == 1.0
+        assert m["serl/changed_tokens_outside_hindsight_mask"] == 0.0
+        assert m["serl/changed_tokens"] <= m["serl/hindsight_tokens"]
     assert any(m["serl/changed_tokens"] > 0 for m in rows)
 
 

@@ -1,4 +1,4 @@
-"""SERL estimator against hand-computed values (methods-reference A1, issue 6)."""
+"""SERL estimator against hand-computed values (the released rule, verl_hindsight/algo/serl.py)."""
 
 import math
 
@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, get_adv_estimator_fn
 
 import verl_hindsight.algo.serl  # noqa: F401  (registers "serl")
-from verl_hindsight.algo.serl import SERLConfig, serl_reweight, serl_weights
+from verl_hindsight.algo.serl import compute_serl_advantage, serl_reweight, serl_weights
+from verl_hindsight.config import SERLConfig, load_serl_config
 
 
 def _config(**serl):
@@ -32,7 +33,7 @@ def test_registered_and_reweights_only_hindsight_tokens_by_hand():
     hmask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]])
     fn = get_adv_estimator_fn("serl")
     adv, ret = fn(token_level_rewards=rewards, response_mask=mask, index=index, config=_config(),
-                  teacher_log_probs=teacher, old_log_probs=old, hindsight_mask=hmask, global_step=0)
+                  teacher_log_probs=teacher, old_log_probs=old, hindsight_mask=hmask, updates_done=0)
     grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index)
     a = grpo[0, 0].item()  # (1 - 0.5) / std([1, 0]) with torch's unbiased std = 0.5 / 0.7071
     assert a == pytest.approx(0.5 / math.sqrt(0.5), rel=1e-5)
@@ -69,7 +70,7 @@ def test_lambda_decay_endpoints():
     teacher = torch.randn(4, 3)
     adv, _ = get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index,
                                           config=_config(), teacher_log_probs=teacher, old_log_probs=torch.zeros(4, 3),
-                                          hindsight_mask=torch.ones(4, 3), global_step=50)
+                                          hindsight_mask=torch.ones(4, 3), updates_done=50)
     grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index)
     assert torch.equal(adv, grpo)
 
@@ -94,7 +95,7 @@ def test_norm_adv_by_std_is_honoured():
     cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": False, "serl": {}})
     adv, _ = get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index, config=cfg,
                                           teacher_log_probs=torch.zeros(4, 3), old_log_probs=torch.zeros(4, 3),
-                                          hindsight_mask=torch.zeros(4, 3), global_step=0)
+                                          hindsight_mask=torch.zeros(4, 3), updates_done=0)
     assert adv[0, 0].item() == pytest.approx(0.5)  # mean-centred only
 
 
@@ -107,5 +108,42 @@ def test_stock_call_without_hindsight_inputs_says_how_to_enable():
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="algorithm.serl.weight_clip"):
         SERLConfig(weight_clip=1.5)
-    with pytest.raises(ValueError, match="unknown keys"):
-        SERLConfig.from_algorithm_config(OmegaConf.create({"serl": {"decay": 3}}))
+    with pytest.raises(ValueError, match="algorithm.serl.decay"):
+        load_serl_config(OmegaConf.create({"serl": {"decay": 3}}))
+    with pytest.raises(ValueError, match="algorithm.serl.base_estimator must be one of .*'rloo'"):
+        SERLConfig(base_estimator="gae")  # needs a critic: not an outcome estimator SERL can reweight
+
+
+def test_the_registry_returns_the_function_the_trainer_calls():
+    # the hindsight trainer looks the estimator up by algorithm.adv_estimator; nothing else computes SERL
+    assert get_adv_estimator_fn("serl") is compute_serl_advantage
+
+
+def test_rloo_base_estimator_by_hand():
+    rewards, mask, index = _batch()
+    old = torch.zeros(4, 3)
+    teacher = torch.full((4, 3), 0.1)
+    hmask = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
+    metrics = {}
+    adv, _ = get_adv_estimator_fn("serl")(token_level_rewards=rewards, response_mask=mask, index=index,
+                                          config=_config(base_estimator="rloo"), teacher_log_probs=teacher,
+                                          old_log_probs=old, hindsight_mask=hmask, updates_done=0, metrics=metrics)
+    # RLOO over a group of two: A_i = r_i - r_other -> (+1, -1); group b: 0.5 - 0.5 = 0
+    base = torch.tensor([[1.0] * 3, [-1.0] * 3, [0.0] * 3, [0.0] * 3])
+    w_pos, w_neg = math.exp(0.1), math.exp(-0.1)  # sign(A) * d with d = +0.1, inside the 0.2 clip
+    expected = base.clone()
+    expected[0, 0] = 1.0 * (0.5 + 0.5 * w_pos)
+    expected[1, 0] = -1.0 * (0.5 + 0.5 * w_neg)
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert metrics["serl/changed_tokens"] == 2 and metrics["serl/changed_tokens_outside_hindsight_mask"] == 0
+
+
+def test_given_base_advantages_are_reweighted_not_recomputed():
+    rewards, mask, index = _batch()
+    base = torch.randn(4, 3)
+    teacher, old = torch.randn(4, 3), torch.randn(4, 3)
+    hmask = torch.ones(4, 3)
+    adv, _ = compute_serl_advantage(rewards, mask, index, _config(), teacher_log_probs=teacher, old_log_probs=old,
+                                    hindsight_mask=hmask, updates_done=0, base_advantages=base)
+    expected, _ = serl_reweight(base, teacher, old, hmask.bool(), 0.5, 0.2)
+    assert torch.equal(adv, expected)

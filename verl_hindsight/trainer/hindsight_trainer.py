@@ -26,28 +26,24 @@ The data flow of one step, with what this class adds in brackets::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections import Counter
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
+import numpy as np
+import torch
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from verl_hindsight.trainer import batch_io as io
+from verl_hindsight.trainer.teacher_weights import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "hindsight"
 DEFAULT_POLL_INTERVAL_S = 0.05
-
-
-def _rows(value) -> list:
-    """TensorDict fields come back dense or jagged; give a list of 1-D tensors either way."""
-    if hasattr(value, "unbind"):
-        return list(value.unbind(0))
-    return list(value)
 
 
 def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict],
@@ -60,8 +56,8 @@ def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict
     keep = [not p for p in is_padding] if is_padding is not None else [True] * len(extra_fields)
     extra_fields = [e for e, k in zip(extra_fields, keep) if k]
     if action_masks is not None:
-        action_masks = [r for r, k in zip(_rows(action_masks), keep) if k]
-    response_masks = [r for r, k in zip(_rows(response_masks), keep) if k]
+        action_masks = [r for r, k in zip(io.rows(action_masks), keep) if k]
+    response_masks = [r for r, k in zip(io.rows(response_masks), keep) if k]
     n = len(extra_fields)
     metrics: dict[str, float] = {"hindsight/rows": float(n)}
     with_turns = [e for e in extra_fields if isinstance(e, dict) and "hs_turns" in e]
@@ -112,18 +108,11 @@ def _warn_budget_cuts(fraction: float) -> None:
                        "whole episodes should fit.", 100 * fraction)
 
 
-TEACHER_DIR = "hindsight_teacher"
-
-
-def _nested(rows: list[list], dtype) -> "torch.Tensor":
-    import torch
-
-    return torch.nested.as_nested_tensor([torch.tensor(r, dtype=dtype) for r in rows], layout=torch.jagged)
-
-
 @contextmanager
-def _estimator_as(config, name: str):
-    """Run verl's own advantage code under another estimator name (SERL = GRPO + reweighting afterwards)."""
+def _verl_estimator(config, name: str):
+    """verl's advantage step reads the estimator's name from ``algorithm.adv_estimator``; SERL's base advantage is
+    that step run with the base estimator (KL-in-reward, rollout correction and the multi-row GRPO broadcast
+    included), so the name is the base estimator's for its duration."""
     from omegaconf import open_dict
 
     original = config.algorithm.adv_estimator
@@ -139,15 +128,18 @@ def _estimator_as(config, name: str):
 @register_trainer(TRAINER_MODE)
 class HindsightTrainer(PPOTrainerSync):
     def __init__(self, config):
-        from verl_hindsight.hindsight.stage import HindsightSettings
+        from verl_hindsight.config import load_hindsight_config, load_serl_config
+        from verl_hindsight.hindsight.feedback import needs_judge
 
         # validated before any worker starts: a wrong config fails in seconds, not after model loading
-        self.hs = HindsightSettings.from_config(config)
+        self.hs = load_hindsight_config(config)
+        needs_judge(self.hs.feedback.source)  # unknown feedback source names fail here
         self.serl = None
         if str(config.algorithm.adv_estimator) == "serl":
-            from verl_hindsight.algo.serl import SERLConfig
-
-            self.serl = SERLConfig.from_algorithm_config(config.algorithm)
+            self.serl = load_serl_config(config.algorithm)
+        kl_to_reference = bool(config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
+            bool(config.algorithm.get("use_kl_in_reward", False))
+        self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, kl_to_reference)
         self._hs_num_targets = 0
         self._hs_num_rows = 0
         super().__init__(config)
@@ -190,48 +182,16 @@ class HindsightTrainer(PPOTrainerSync):
         super().on_init_end()
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
-        self._ensure_teacher_copy()
-        if self._moving_teacher and self._kl_to_reference and self.hs.teacher.kl_anchor == "teacher":
+        self.teacher_weights.ensure_copy(self.actor_rollout_wg)
+        if self.teacher_weights.moving and self.hs.teacher.kl_anchor == "teacher" and self._kl_to_reference:
             logger.warning("hindsight: kl_anchor=teacher: the KL to the reference follows the %s teacher, so it no "
                            "longer holds the policy near its start (hindsight.teacher.kl_anchor=initial keeps it "
                            "there)", self.hs.teacher.kind)
-
-    def _ensure_teacher_copy(self) -> None:
-        """Give a moving teacher its own weights, once (verl's ``_setup`` resumes checkpoints before ``on_init_end``,
-        so :meth:`_load_checkpoint` may come first)."""
-        if not self._teacher_has_own_weights or getattr(self, "_hs_teacher_copy_ready", False):
-            return
-        self.actor_rollout_wg.hs_init_teacher_copy()
-        self._hs_teacher_copy_ready = True
-        logger.info("hindsight: the %s teacher has its own copy of the weights; the KL anchor stays on the "
-                    "initial policy (hindsight.teacher.kl_anchor=initial)", self.hs.teacher.kind)
-
-    @property
-    def _teacher_has_own_weights(self) -> bool:
-        """A moving teacher next to a KL to the reference: keep the anchor still (``hindsight.teacher.kl_anchor``)."""
-        return self._moving_teacher and self.hs.teacher.kl_anchor == "initial" and self._kl_to_reference
-
-    @property
-    def _moving_teacher(self) -> bool:
-        return self.hs.enable and self.hs.teacher.moves
 
     @property
     def _kl_to_reference(self) -> bool:
         return bool(self.config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
             bool(self.config.algorithm.get("use_kl_in_reward", False))
-
-    @contextmanager
-    def _teacher_in_reference(self):
-        """The teacher's weights in the reference model for the duration of the block (a no-op when they are the
-        reference model's own)."""
-        if not self._teacher_has_own_weights:
-            yield
-            return
-        self.actor_rollout_wg.hs_swap_teacher()
-        try:
-            yield
-        finally:
-            self.actor_rollout_wg.hs_swap_teacher()
 
     # ------------------------------------------------------------------ step
     def _compute_old_log_prob(self, batch, metrics: dict):
@@ -304,28 +264,22 @@ class HindsightTrainer(PPOTrainerSync):
 
     def _hindsight_stage(self, batch) -> dict[str, float]:
         import torch
-        import transfer_queue as tq
-        from tensordict import TensorDict
 
         from verl_hindsight.agent_loops.hindsight_answers import answer_metrics
         from verl_hindsight.hindsight.stage import Row, run_stage
 
         fields = ["prompts", "responses", "response_mask", "action_mask", "old_log_probs", "extra_fields", "uid"]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        extra = data.pop("extra_fields")
-        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
-        uids = data.pop("uid")
-        uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
-        is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+        data = io.get(batch, fields)
+        extra, uids, padding = io.objects(data, "extra_fields"), io.objects(data, "uid"), io.is_padding(batch)
         rows = [
             Row(uid=str(uid), prompt_ids=p.tolist(), response_ids=r.tolist(), action_mask=a.tolist(),
                 extra_fields=e if isinstance(e, dict) else {}, old_log_probs=o.float().tolist(), is_padding=pad,
                 response_mask=m.tolist())
-            for uid, p, r, a, o, e, pad, m in zip(uids, _rows(data["prompts"]), _rows(data["responses"]),
-                                                  _rows(data["action_mask"]), _rows(data["old_log_probs"]), extra,
-                                                  is_padding, _rows(data["response_mask"]))
+            for uid, p, r, a, o, e, pad, m in zip(uids, io.rows(data["prompts"]), io.rows(data["responses"]),
+                                                  io.rows(data["action_mask"]), io.rows(data["old_log_probs"]), extra,
+                                                  padding, io.rows(data["response_mask"]))
         ]
-        metrics = answer_metrics([e for e, pad in zip(extra, is_padding) if not pad])
+        metrics = answer_metrics([e for e, pad in zip(extra, padding) if not pad])
         teacher = self.hs.teacher
         if teacher.max_length is None:
             rollout = self.config.actor_rollout_ref.rollout
@@ -333,7 +287,7 @@ class HindsightTrainer(PPOTrainerSync):
         if self._stage_active():
             scorers = ({"topk_scorer": self._teacher_topk_scorer(), "topk": self.hs.distill.topk} if self._uses_topk
                        else {"scorer": self._teacher_scorer()})
-            with self._teacher_in_reference():
+            with self.teacher_weights.in_reference(self.actor_rollout_wg):
                 result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
                                    teacher_config=teacher, renderer=self._renderer(), **scorers)
             teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
@@ -342,7 +296,7 @@ class HindsightTrainer(PPOTrainerSync):
             self._hs_feedback = result.inserted_feedback
             metrics["hindsight/stage_active"] = 1.0
         else:
-            # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into GRPO")
+            # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into the base estimator")
             teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
             mask_rows = [[0] * len(r.response_ids) for r in rows]
             topk_rows = None
@@ -350,16 +304,11 @@ class HindsightTrainer(PPOTrainerSync):
             metrics["hindsight/targeted_token_frac_of_response"] = 0.0
             self._hs_feedback = {}
         if teacher.log_probe:
-            probe = list(range(3, 35))
-            with self._teacher_in_reference():
-                metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
-            if self.hs.teacher.uses_reference_model and not self.ref_in_actor:
-                # the KL anchor's view of the same probe: constant unless the anchor moves (kl_anchor=teacher)
-                metrics["hindsight/reference_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+            metrics.update(self._probe_metrics())
         self._hs_num_targets = int(sum(map(sum, mask_rows)))
         self._hs_num_rows = len(rows)
-        columns = {"teacher_log_probs": _nested(teacher_rows, torch.float32),
-                   "hindsight_mask": _nested(mask_rows, torch.int64)}
+        columns = {"teacher_log_probs": io.jagged(teacher_rows, torch.float32),
+                   "hindsight_mask": io.jagged(mask_rows, torch.int64)}
         if self._uses_topk:
             from verl_hindsight.algo.topk_distill import TEACHER_TOPK_IDS, TEACHER_TOPK_LOG_PROBS
             from verl_hindsight.hindsight.teacher_sequences import empty_topk
@@ -370,61 +319,57 @@ class HindsightTrainer(PPOTrainerSync):
             columns[TEACHER_TOPK_IDS] = torch.nested.as_nested_tensor([i for i, _ in topk_rows], layout=torch.jagged)
             columns[TEACHER_TOPK_LOG_PROBS] = torch.nested.as_nested_tensor([lp for _, lp in topk_rows],
                                                                             layout=torch.jagged)
-        out = TensorDict(columns, batch_size=len(rows))
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        io.put(batch, columns)
+        return metrics
+
+    def _probe_metrics(self) -> dict[str, float]:
+        """``hindsight.teacher.log_probe``: a fixed token sequence scored by the teacher, and by the KL anchor."""
+        probe = list(range(3, 35))
+        metrics = {}
+        with self.teacher_weights.in_reference(self.actor_rollout_wg):
+            metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+        if self.hs.teacher.uses_reference_model and not self.ref_in_actor:
+            # constant unless the anchor moves (kl_anchor=teacher)
+            metrics["hindsight/reference_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
         return metrics
 
     def _compute_advantage(self, batch, metrics: dict):
-        batch = self._compute_advantage_by_estimator(batch, metrics)
+        if self.serl is not None:
+            batch = self._serl_advantage(batch, metrics)
+        else:
+            batch = super()._compute_advantage(batch, metrics)
         if self.hs.advantage_tokens == "actions":
             batch = self._advantage_on_actions_only(batch)
         return batch
 
     def _advantage_on_actions_only(self, batch):
         """``hindsight.advantage_tokens=actions``: zero the advantage (and return) outside action tokens."""
-        import transfer_queue as tq
-        from tensordict import TensorDict
-        from verl.workers.utils.padding import response_to_nested
-
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=["advantages", "action_mask", "response_mask"])
-        response_mask = data["response_mask"]
+        data = io.get(batch, ["advantages", "action_mask", "response_mask"])
         dense = data.to_padded_tensor()
         advantages = dense["advantages"] * dense["action_mask"].to(dense["advantages"].dtype)
-        nested = response_to_nested(advantages, response_mask)
-        out = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
-        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        return io.put_response_columns(batch, {"advantages": advantages, "returns": advantages.clone()},
+                                       data["response_mask"])
 
-    def _compute_advantage_by_estimator(self, batch, metrics: dict):
-        if self.serl is None:
-            return super()._compute_advantage(batch, metrics)
-        import torch
-        import transfer_queue as tq
-        from tensordict import TensorDict
-        from verl.workers.utils.padding import response_to_nested
+    def _serl_advantage(self, batch, metrics: dict):
+        """``algorithm.adv_estimator=serl``: verl's advantage step with the base estimator, then the registered
+        ``serl`` estimator (looked up in verl's registry) on its output and the stage's fields."""
+        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
-        from verl_hindsight.algo.serl import serl_reweight
-
-        # verl's GRPO path, unchanged (multi-row session broadcast, rollout correction), then SERL on top
-        with _estimator_as(self.config, "grpo"):
+        with _verl_estimator(self.config, self.serl.base_estimator):
             batch = super()._compute_advantage(batch, metrics)
-        fields = ["advantages", "teacher_log_probs", "old_log_probs", "hindsight_mask", "response_mask"]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        response_mask = data["response_mask"]
+        data = io.get(batch, ["advantages", "rm_scores", "teacher_log_probs", "old_log_probs", "hindsight_mask",
+                              "response_mask", "uid"])
+        index = np.array(io.objects(data, "uid"), dtype=object)
         dense = data.to_padded_tensor()
-        mask = dense["hindsight_mask"].bool() & dense["response_mask"].bool()
-        mixing = self.serl.mixing(self.updates_done)
-        advantages, serl_metrics = serl_reweight(dense["advantages"], dense["teacher_log_probs"],
-                                                 dense["old_log_probs"], mask, mixing, self.serl.weight_clip)
-        self._hs_serl_factor = torch.where(dense["advantages"] != 0, advantages / dense["advantages"],
-                                           torch.ones_like(advantages))
-        changed = (advantages != dense["advantages"]) & dense["response_mask"].bool()
-        serl_metrics["serl/changed_tokens_outside_hindsight_mask"] = float((changed & ~mask).sum())
-        serl_metrics["serl/changed_tokens"] = float(changed.sum())
-        metrics.update(serl_metrics)
-        nested = response_to_nested(advantages, response_mask)
-        out = TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch))
-        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+        base = dense["advantages"]
+        estimator = get_adv_estimator_fn(self.config.algorithm.adv_estimator)
+        advantages, returns = estimator(
+            token_level_rewards=dense["rm_scores"], response_mask=dense["response_mask"], index=index,
+            config=self.config.algorithm, teacher_log_probs=dense["teacher_log_probs"],
+            old_log_probs=dense["old_log_probs"], hindsight_mask=dense["hindsight_mask"],
+            updates_done=self.updates_done, base_advantages=base, metrics=metrics)
+        self._hs_serl_factor = torch.where(base != 0, advantages / base, torch.ones_like(advantages))
+        return io.put_response_columns(batch, {"advantages": advantages, "returns": returns}, data["response_mask"])
 
     def _update_actor(self, batch, metrics: dict):
         if self.hs.dump_dir:
@@ -433,32 +378,25 @@ class HindsightTrainer(PPOTrainerSync):
             batch.extra_info.update({"hs_global_step": self.updates_done, "hs_num_targets": self._hs_num_targets,
                                      "hs_num_rows": self._hs_num_rows})
         batch = super()._update_actor(batch, metrics)
-        if self.hs.enable:
-            metrics.update(self._update_teacher())
+        metrics.update(self.teacher_weights.update(self.actor_rollout_wg, self.global_steps))
         return batch
 
     def _dump_trajectories(self, batch) -> None:
         """``hindsight.dump_dir``: sampled trajectories with per-token values, for the viewer (:mod:`.dump`)."""
-        import transfer_queue as tq
-
         from verl_hindsight.trainer.dump import token_records, trajectory_record, write_step
 
-        rows = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)][: self.hs.dump_rows]
+        rows = [i for i, pad in enumerate(io.is_padding(batch)) if not pad][: self.hs.dump_rows]
         if not rows:
             return
         fields = ["prompts", "responses", "action_mask", "old_log_probs", "advantages", "extra_fields", "uid"]
         if self.hs.enable:
             fields += ["teacher_log_probs", "hindsight_mask"]
-        keys = [batch.keys[i] for i in rows]
-        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
-        extra = data.pop("extra_fields")
-        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
-        uids = data.pop("uid")
-        uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+        data = io.get(batch, fields, keys=[batch.keys[i] for i in rows])
+        extra, uids = io.objects(data, "extra_fields"), io.objects(data, "uid")
         tokenizer = self._renderer().tokenizer
         factor = getattr(self, "_hs_serl_factor", None) if self.serl is not None else None
         feedback = getattr(self, "_hs_feedback", {}) if self.hs.enable else {}
-        columns = {name: _rows(data[name]) for name in fields if name not in ("extra_fields", "uid")}
+        columns = {name: io.rows(data[name]) for name in fields if name not in ("extra_fields", "uid")}
         records = []
         for k, row in enumerate(rows):
             response = columns["responses"][k].tolist()
@@ -501,55 +439,26 @@ class HindsightTrainer(PPOTrainerSync):
                            val_success, target, stop)
             self.total_training_steps = stop
 
-    # ------------------------------------------------------------------ teacher weights
-    def _update_teacher(self) -> dict[str, float]:
-        kind = self.hs.teacher.kind
-        if kind == "ema":
-            mix = 1.0 - self.hs.teacher.ema_decay
-        elif kind == "lagged" and self.global_steps % self.hs.teacher.sync_interval == 0:
-            mix = 1.0
-        else:
-            return {}
-        change = self.actor_rollout_wg.hs_update_teacher(mix)
-        return {"hindsight/teacher_update_mean_abs": float(sum(change) / len(change))}
-
+    # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self):
         super()._save_checkpoint()
-        if self._moving_teacher:
-            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}",
-                                  TEACHER_DIR)
-            self.actor_rollout_wg.hs_save_teacher(os.path.abspath(folder))
-            with open(os.path.join(folder, "teacher_state.json"), "w") as f:
-                json.dump({"kind": self.hs.teacher.kind, "global_steps": self.global_steps,
-                           "ema_decay": self.hs.teacher.ema_decay, "sync_interval": self.hs.teacher.sync_interval}, f)
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        self.teacher_weights.save(self.actor_rollout_wg, folder, self.global_steps)
 
     def _load_checkpoint(self):
         super()._load_checkpoint()
-        if not self._moving_teacher or self.global_steps == 0:
+        if self.global_steps == 0:
             return
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}", TEACHER_DIR)
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         if self.config.trainer.resume_mode == "resume_path":
-            folder = os.path.join(self.config.trainer.resume_from_path, TEACHER_DIR)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"resuming a {self.hs.teacher.kind} teacher but {folder} is missing: the "
-                                    "checkpoint was not written by the hindsight trainer with this teacher kind")
-        self._ensure_teacher_copy()  # the saved weights are the teacher's, not the anchor's
-        with open(os.path.join(folder, "teacher_state.json")) as f:
-            state = json.load(f)
-        if state.get("kind") != self.hs.teacher.kind:
-            raise ValueError(f"checkpoint teacher kind {state.get('kind')!r} != hindsight.teacher.kind "
-                             f"{self.hs.teacher.kind!r}")
-        self.actor_rollout_wg.hs_load_teacher(os.path.abspath(folder))
-        logger.info("hindsight: restored the %s teacher from %s", self.hs.teacher.kind, folder)
+            folder = self.config.trainer.resume_from_path
+        self.teacher_weights.load(self.actor_rollout_wg, folder)
 
     # ------------------------------------------------------------------ accounting
     def _rollout_record_metrics(self, batch) -> dict[str, Any]:
-        import transfer_queue as tq
-
         fields = ["response_mask", "extra_fields"]
         try:
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                                   select_fields=fields + ["action_mask"])
+            data = io.get(batch, fields + ["action_mask"])
             action_masks = data["action_mask"]
         except (KeyError, RuntimeError, ValueError) as exc:
             # Reported as hindsight/rows_with_action_mask = 0, and said once in the log.
@@ -560,15 +469,13 @@ class HindsightTrainer(PPOTrainerSync):
             if self.hs.enable:
                 raise RuntimeError("hindsight.enable=true needs action spans: use a verl-hindsight agent loop "
                                    "(hindsight_text_env / hindsight_tool_env)") from exc
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+            data = io.get(batch, fields)
             action_masks = None
-        extra = data.pop("extra_fields")
-        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
-        is_padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        metrics = rollout_record_metrics(action_masks, data["response_mask"], extra, is_padding)
+        extra, padding = io.objects(data, "extra_fields"), io.is_padding(batch)
+        metrics = rollout_record_metrics(action_masks, data["response_mask"], extra, padding)
         if metrics.get("hindsight/action_tokens_on_observation", 0) > 0:
             bad = [(key, am.tolist(), rm.tolist()) for key, am, rm, pad in
-                   zip(batch.keys, _rows(action_masks), _rows(data["response_mask"]), is_padding)
+                   zip(batch.keys, io.rows(action_masks), io.rows(data["response_mask"]), padding)
                    if not pad and int((am * (1 - rm)).sum())]
             raise RuntimeError("hindsight trainer: action_mask covers observation tokens (response_mask 0); the agent "
                                f"loop's spans are wrong. First offending row (key, action_mask, response_mask): {bad[0]}")
