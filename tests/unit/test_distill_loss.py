@@ -50,6 +50,67 @@ def test_topk_tail_reverse_kl_matches_the_bucketed_distributions():
     assert torch.allclose(topk_tail_reverse_kl(s, t).double(), (s.exp() * (s - t)).sum(-1), atol=1e-4)
 
 
+def test_topk_tail_reverse_kl_gradient_equals_the_bucketed_reference():
+    """d/d(student logits) of the (k+1)-bucket reverse KL, by autograd through an explicit float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, V, generator=gen, dtype=torch.float64) * 2
+    _, t = _dists(5)
+    top = t.topk(3, dim=-1).indices  # the teacher's ids, as the student hook uses
+    w = torch.rand(5, generator=gen, dtype=torch.float64)
+
+    def grad(kl_fn):
+        z = logits.clone().requires_grad_(True)
+        s_top = torch.log_softmax(z, -1).gather(-1, top)
+        t_top = t.gather(-1, top).requires_grad_(True)
+        out = kl_fn(s_top, t_top)
+        (w * out).sum().backward()
+        return out.detach().double(), z.grad, t_top.grad
+
+    def reference(s_top, t_top):
+        s_b = torch.cat([s_top.exp(), 1 - s_top.exp().sum(-1, keepdim=True)], -1)
+        t_b = torch.cat([t_top.detach().exp(), 1 - t_top.detach().exp().sum(-1, keepdim=True)], -1)
+        return (s_b * (s_b.log() - t_b.log())).sum(-1)
+
+    got, g, g_teacher = grad(topk_tail_reverse_kl)
+    ref, r, _ = grad(reference)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(g, r, atol=1e-5) and g.abs().sum() > 0  # fp32 inside vs float64 reference
+    assert g_teacher is None
+
+
+def _values_and_grads(fn, s, t, w):
+    """fn's per-token values and d(sum w * fn)/d(s, t) by autograd on fresh leaves."""
+    s, t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    out = fn(s, t)
+    (w * out).sum().backward()
+    return out.detach(), s.grad, t.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_k1_values_and_gradients_equal_the_hand_formula(seed):
+    """k1 calls verl's kl_penalty(..., "k1"); checked against s - sg(t), not against verl."""
+    gen = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(4, 9, generator=gen) * 3, torch.randn(4, 9, generator=gen) * 3
+    w = torch.rand(4, 9, generator=gen)
+    got, gs, gt = _values_and_grads(k1, s, t, w)
+    ref, rs, _ = _values_and_grads(lambda a, b: a - b.detach(), s, t, w)
+    assert torch.equal(got, ref) and torch.equal(gs, rs) and torch.equal(gs, w)
+    assert gt is None  # the teacher is a fixed reference
+    assert k1(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+def test_k3_is_not_clamped_where_verls_low_var_kl_is():
+    """verl's low_var_kl clamps the estimate to [-10, 10]; k3 keeps the value and the gradient beyond it."""
+    s = torch.tensor([-6.0, -1.0, -0.5])
+    t = torch.tensor([-1.0, -16.0, -0.7])  # t - s = 5 (teacher ~150x), -15, -0.2
+    w = torch.ones(3)
+    got, gs, gt = _values_and_grads(k3, s, t, w)
+    r = (t - s).double()
+    assert torch.allclose(got.double(), r.exp() - r - 1, rtol=1e-6)  # 142.4, 14.0, 0.0187
+    assert torch.allclose(gs.double(), 1 - r.exp(), rtol=1e-6)  # d/ds [e^(t-s) - (t-s) - 1]
+    assert got[0] > 10 and got[1] > 10 and gt is None
+
+
 def test_k3_in_bf16_inputs_is_computed_in_fp32_and_does_not_cancel():
     s = torch.tensor([-1.0000, -2.0], dtype=torch.bfloat16)
     t = s + torch.tensor([0.0078125, 0.015625], dtype=torch.bfloat16)  # small gaps

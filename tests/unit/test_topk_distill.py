@@ -73,13 +73,13 @@ def _teacher_row(gen, resp_len, targeted):
 
 
 def _reference_kl(student_logits_row, ids, lps):
-    """Reverse KL between the two (K+1)-bucket distributions, from the full softmax, in float64."""
+    """Reverse KL between the two (K+1)-bucket distributions, from the full softmax, in float64 (differentiable)."""
     s_full = torch.log_softmax(student_logits_row.double(), -1)
     s = s_full[ids].exp()
     t = lps.double().exp()
     s_all = torch.cat([s, (1 - s.sum()).unsqueeze(0)])
     t_all = torch.cat([t, (1 - t.sum()).unsqueeze(0)])
-    return float((s_all * (s_all.log() - t_all.log())).sum())
+    return (s_all * (s_all.log() - t_all.log())).sum()
 
 
 def test_student_hook_and_loss_equal_the_full_softmax_reference():
@@ -99,7 +99,7 @@ def test_student_hook_and_loss_equal_the_full_softmax_reference():
             got = float(per_token[b, j].detach())
             if keep:
                 ids, lps = teacher[b][0][j], teacher[b][1][j]
-                ref = _reference_kl(logits[0, offset + p - 1 + j].detach(), ids, lps)
+                ref = float(_reference_kl(logits[0, offset + p - 1 + j].detach(), ids, lps))
                 assert got == pytest.approx(ref, rel=1e-4)  # fp32 tail bucket: 1 - sum(top-k) cancels
                 expected.append(ref)
             else:
@@ -122,6 +122,30 @@ def test_student_hook_and_loss_equal_the_full_softmax_reference():
     targeted_positions = {o + p - 1 + j for o, p, m in zip([0, lens[0]], prompt_lens, masks)
                           for j, keep in enumerate(m) if keep}
     assert {i for i in range(total) if grads[i] > 0} == targeted_positions
+
+
+def test_student_hook_gradient_equals_the_full_softmax_reference():
+    """d(sum of per-token KL)/d(student logits) against autograd through the float64 full-softmax reference."""
+    gen = torch.Generator().manual_seed(3)
+    prompt_lens, masks = [2, 4], [[1, 1, 0], [1, 0, 1, 1]]
+    teacher = [_teacher_row(gen, len(m), [j for j, x in enumerate(m) if x]) for m in masks]
+    data = _batch(prompt_lens, teacher, masks)
+    total = sum(p + len(m) for p, m in zip(prompt_lens, masks))
+    base = torch.randn(1, total, V, generator=gen) * 2
+
+    logits = base.clone().requires_grad_(True)
+    student_topk_tail_kl(logits, data)[STUDENT_KL_KEY].sum().backward()
+
+    ref_logits = base.double().requires_grad_(True)
+    terms, offset = [], 0
+    for b, (p, m) in enumerate(zip(prompt_lens, masks)):
+        for j, keep in enumerate(m):
+            if keep:
+                terms.append(_reference_kl(ref_logits[0, offset + p - 1 + j], teacher[b][0][j], teacher[b][1][j]))
+        offset += p + len(m)
+    torch.stack(terms).sum().backward()
+    assert torch.allclose(logits.grad.double(), ref_logits.grad, atol=1e-5)
+    assert ref_logits.grad.abs().sum() > 0
 
 
 def test_teacher_hook_returns_the_top_k_of_its_logits():

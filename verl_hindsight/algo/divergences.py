@@ -15,11 +15,27 @@ each has expectation under the student equal to the divergence it names:
 
 Full-distribution form (HINT-SD's released loss): reverse KL over the student's top-k tokens plus one "tail" bucket
 holding the remaining mass of each distribution (:func:`topk_tail_reverse_kl`).
+
+What verl 0.9.1 computes is called, not copied (same values and gradients, checked in ``tests/unit``):
+
+- ``k1`` is ``verl.trainer.ppo.core_algos.kl_penalty(s, t, "k1")`` (``logprob - ref_logprob``: the student is
+  verl's policy, the teacher its fixed reference);
+- the last step of :func:`topk_tail_reverse_kl` is ``verl.trainer.distillation.fsdp.losses.kl_divergence``.
+
+Kept here, because verl's version differs or is missing:
+
+- ``k3``: verl's ``low_var_kl``/``k3`` clamps the estimate to [-10, 10], which zeroes the gradient once the teacher
+  gives a token ~14x the student's probability (``t - s`` > ~2.6) -- the very tokens hindsight distillation targets;
+- ``jsd``: verl has no generalized JSD estimator;
+- the top-k + tail bucket: verl's ``forward_kl_topk`` is forward KL(T || S) over the teacher's top-k with no tail
+  bucket (and clamps negative values to 0).
 """
 
 from __future__ import annotations
 
 import torch
+from verl.trainer.distillation.fsdp.losses import kl_divergence as _verl_kl_divergence
+from verl.trainer.ppo.core_algos import kl_penalty as _verl_kl_penalty
 
 SAMPLED_DIVERGENCES = ("k1", "k3", "jsd")
 
@@ -30,17 +46,19 @@ def _prep(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, t
 
 def k1(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
     s, t = _prep(student_log_probs, teacher_log_probs)
-    return s - t
+    return _verl_kl_penalty(s, t, "k1")  # s - t
 
 
 def k3(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
     s, t = _prep(student_log_probs, teacher_log_probs)
-    # clamp the log-ratio so one wildly off token cannot overflow exp() and poison the batch
+    # verl's kl_penalty(s, t, "k3") is this plus a clamp of the result to [-10, 10] (zero gradient past it), so
+    # it is not used. The log-ratio clamp (as in verl) keeps one wildly off token from overflowing exp().
     r = torch.clamp(t - s, -20.0, 20.0)
     return torch.exp(r) - r - 1.0
 
 
 def jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    # no verl equivalent (verl's estimators are kl/k1, abs, mse/k2, low_var_kl/k3 of KL(policy || ref))
     if not 0.0 < beta < 1.0:
         raise ValueError(f"generalized JSD needs 0 < beta < 1, got {beta!r}")
     s, t = _prep(student_log_probs, teacher_log_probs)
@@ -82,4 +100,4 @@ def topk_tail_reverse_kl(student_topk_log_probs: torch.Tensor, teacher_log_probs
     t_tail = _log1mexp(torch.logsumexp(t, dim=-1))
     s_all = torch.cat([s, s_tail.unsqueeze(-1)], dim=-1)
     t_all = torch.cat([t, t_tail.unsqueeze(-1)], dim=-1)
-    return (torch.exp(s_all) * (s_all - t_all)).sum(dim=-1)
+    return _verl_kl_divergence(log_q=t_all, log_p=s_all)  # sum exp(s_all) * (s_all - t_all): KL(S || T)

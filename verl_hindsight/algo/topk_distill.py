@@ -22,6 +22,15 @@ teacher's logits in the student pass, so the ids are the teacher's (verl's own t
 Student mass outside the teacher's top-k lands in the tail bucket, whose teacher mass is small, so it is still
 pushed down. Positions are aligned as verl aligns ``log_probs``: the logits at packed position ``p`` predict token
 ``p + 1``; the response's token ``j`` of a row is predicted at ``prompt_len - 1 + j`` of that row.
+
+Not taken from verl 0.9.1 (``verl/trainer/distillation/fsdp/losses.py``), on purpose:
+
+- ``compute_forward_kl_topk`` is forward KL(T || S) over the top-k with no tail bucket, clamped at 0 afterwards;
+- ``_chunked_topk_log_probs`` (private) casts its result back to the logits' dtype (bf16 under mixed
+  precision), so the tail bucket ``1 - sum(top-k)`` loses its precision; :func:`_chunked_gather_log_probs` keeps
+  fp32;
+- verl has no teacher-side top-k from logits (its teacher top-k comes from a teacher inference server), and no
+  inverse of ``no_padding_2_padding`` (its teacher top-k is written per prompt + response token).
 """
 
 from __future__ import annotations
