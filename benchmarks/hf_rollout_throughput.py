@@ -3,7 +3,7 @@
     python benchmarks/hf_rollout_throughput.py [--requests 16] [--max-tokens 64] [--skip-grpo]
 
 Part 1 starts two servers from the same tiny model in one Ray session, identical except for
-``max_num_seqs`` (the wave size: 64 vs 1, i.e. the old one-at-a-time behaviour), sends the same N concurrent
+``max_num_seqs`` (the wave size: 64 vs 1, i.e. one request at a time), sends the same N concurrent
 requests to each and prints wall time, tokens/s and the speed-up (target: >= 4x at 16 requests).
 
 Part 2 runs the GRPO smoke recipe through stock ``main_ppo`` twice, batched and one-at-a-time, and prints the

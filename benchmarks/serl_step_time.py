@@ -7,7 +7,7 @@ Three runs of the toy environment with the same tiny format-warm-started model, 
 - ``serl``:   recipes/cpu/toy_serl (lambda > 0: the teacher pass runs every step);
 - ``serl_l0``: toy_serl with ``algorithm.serl.mixing_lambda=0`` (lambda = 0 from the start: no teacher pass).
 Prints the mean ``timing_s/step`` over steps 2..N (step 1 includes warm-up) and the ratios to GRPO.
-Targets (issue 6): SERL <= 1.3x GRPO while lambda > 0, and equal to GRPO once lambda = 0.
+Targets: SERL <= 1.3x GRPO while lambda > 0, and equal to GRPO once lambda = 0.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 For trajectories with 2, 8 and 16 target turns (every turn targeted), builds the teacher sequences with
 :func:`plan_teacher_sequences` and times a plain transformers forward over them on CPU, next to one forward of
 the student sequence. Prints tokens forwarded and wall time, each as a ratio to the student forward.
-Targets (issue): cumulative within 1.2x of one student forward at any number of target turns; isolated never
+Targets: cumulative within 1.2x of one student forward at any number of target turns; isolated never
 forwards past a target's action and reports its cost so users can choose.
 """
 

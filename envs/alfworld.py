@@ -1,6 +1,6 @@
 """``alfworld``: ALFWorld text games on the real engine (``alfworld`` 0.4.2 + TextWorld 1.7.0 PDDL backend).
 
-Install (compiles fast-downward-textworld and jericho, about 90 s, needs gcc/g++/cmake)::
+Install (compiles fast-downward-textworld and jericho, needs gcc/g++/cmake; see docs/benchmarks/alfworld_webshop.md)::
 
     pip install alfworld==0.4.2 textworld==1.7.0
 

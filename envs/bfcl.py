@@ -1,7 +1,7 @@
 """``bfcl``: BFCL v3 multi-turn (Berkeley Function-Calling Leaderboard) on the package's own data, backends and checker.
 
 Install (pinned; see docs/benchmarks/bfcl_tau.md): ``pip install --no-deps -r requirements/bfcl-nodeps.txt``
-(``bfcl-eval==2025.8.6`` + ``mpmath``). A full ``pip install bfcl-eval`` pulls 6 GB of CUDA wheels and pins
+(``bfcl-eval==2026.3.23`` + ``mpmath``). A full ``pip install bfcl-eval`` pulls CUDA torch and more and pins
 numpy 1.26; the multi-turn backends and checker need only the standard library and mpmath.
 
 Env kwargs: ``category`` in ``base`` (default), ``miss_func``, ``miss_param``, ``long_context``;

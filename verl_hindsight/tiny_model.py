@@ -76,9 +76,9 @@ class TinyModelSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
-    # False gives the output layer its own matrix. Tied, the demo's warm start (answers on uniformly random keys)
-    # pulled the keys' output vectors together and with them the input embeddings, so the model could no longer
-    # tell a hinted C from a hinted E (docs/demo.md); the demo's model is untied.
+    # False gives the output layer its own matrix. Tied, a warm start on uniformly random keys (the demo's) pulls
+    # the keys' output vectors together and with them the input embeddings, so the model can no longer tell one
+    # hinted key from another (docs/demo.md, "Why C and E merge: tied embeddings"); the demo's model is untied.
     tie_word_embeddings: bool = True
 
 

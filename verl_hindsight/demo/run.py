@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 METHODS = ("grpo", "hint_sd", "serl")
-# The demo's model. The default tiny model (hidden 64, 2 layers) never learned to copy a key from a hint in our
-# warm-start runs. With hidden 128 / 4 layers, 4 heads of 32 dims learned hint following (P 0.99) but left the key
-# position colour-blind: the hidden rule then took 160 steps of direct supervision to learn (50 from random init);
-# 8 heads of 16 dims (the toy study's head size) learn it in 40 steps after the same warm start. Untied input and
-# output embeddings: tied, the warm start's uniform targets on un-hinted doors pulled the key letters' embeddings
-# together (cosine C/E 0.97) and the teacher could not tell a hinted C from a hinted E (docs/demo.md).
+# The demo's model. Hidden 128 / 4 layers: the default tiny model (hidden 64, 2 layers) does not learn to copy a
+# key from a hint in the warm start. 8 heads of 16 dims: 4 heads of 32 learn hint following but leave the key
+# position colour-blind, so the hidden rule is then slow to learn. Untied input and output embeddings: tied, the
+# warm start's uniform targets on un-hinted doors pull the key letters' embeddings together and the teacher cannot
+# tell one hinted key from another. The runs behind each choice: docs/demo.md ("Model shape: 8 heads of 16 dims",
+# "Why C and E merge: tied embeddings").
 DEMO_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
               "num_key_value_heads": 8, "tie_word_embeddings": False}
 WARM_START = {"lr": 1e-3, "hint_prob": 0.75}
@@ -51,15 +51,15 @@ class DemoConfig:
     ablations: bool = False
     stop_at: Optional[float] = 0.8  # end a run at its first validation success >= this (None: run every step)
     overrides: tuple[str, ...] = ()  # extra hydra overrides for every run (``--override``)
-    # tasks per step (x rollouts episodes). 4 makes a step ~60% as long, but HINT-SD then needed 100/110/140 steps
-    # on 3 seeds (median 110 / GRPO's 200 = 0.55) against 100/90/70 at 8 (0.45): the issue's comparison is made at
-    # 8 (docs/demo.md, "Toward the issue's ~15 minutes")
+    # tasks per step (x rollouts episodes). The comparison with GRPO is made at 8: fewer tasks make a step shorter,
+    # but HINT-SD then needs more steps to reach stop_at (docs/demo.md, "Toward the issue's ~15 minutes")
     batch_tasks: int = 8
     rollouts: int = 4
     warm_model: Optional[Path] = None  # reuse a warm start (e.g. of an earlier demo run) instead of training one
-    # runs at once. One CPU run keeps ~60% of two cores busy (Ray and the agent loop wait on each other), so two
-    # side by side finish ~1.5x sooner than one after the other; three oversubscribe two cores and are slower
-    # (benchmarks/demo_wall_time.py). Each run holds ~6 GB of memory.
+    # runs at once. One CPU run leaves part of two cores idle (Ray and the agent loop wait on each other), so two
+    # side by side finish sooner than one after the other; three oversubscribe two cores and gain nothing
+    # (benchmarks/demo_wall_time.py measures it; figures in docs/demo.md). Each run is its own main_ppo process
+    # and Ray instance, so memory grows with jobs.
     jobs: int = 2
 
     @classmethod
@@ -89,8 +89,8 @@ def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: in
         f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_tasks}",
         f"trainer.test_freq={cfg.test_freq}", "trainer.val_before_train=true",
         f"hindsight.dump_dir={out / 'dump'}", "hindsight.dump_rows=8",
-        # policy gradient on action tokens only (the toy study's loss): with it on every token, GRPO at this
-        # learning rate drifted the tiny model out of its <action> format within ~20 steps in our first demo run
+        # policy gradient on action tokens only: on every token, GRPO at this learning rate drives the tiny model
+        # out of its <action> format (docs/demo.md, "History: measurements before the budget fix")
         "+hindsight.advantage_tokens=actions",
         f"hindsight.stop_at_val_success={'null' if cfg.stop_at is None else cfg.stop_at}",
     ]

@@ -5,8 +5,8 @@ user turns, ``<action>K</action>`` answers). With probability ``hint_prob`` a tu
 feedback message the self-teacher sees (``Consider the following feedback ...`` + ``wrong key: the <colour> door
 opens with <key>``) and the target is the hinted key. Hints come from a *random* colour-to-key permutation drawn
 per episode, and un-hinted turns get a uniformly random key: the model learns to answer in the format and to
-follow a hint placed in context, but never the task's hidden rule, so every method starts from a uniform policy
-(the toy study's warm start, ``../shared/research/toy-study.md``). ``hint_prob=0`` teaches the format only.
+follow a hint placed in context, but never the task's hidden rule, so every method starts from a uniform policy.
+``hint_prob=0`` teaches the format only.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _tokenize(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
 def warm_start(model_dir, out_dir, steps: int = 300, seed: int = 0, lr: float = 3e-3, hint_prob: float = 0.5,
                batch_size: int = 16, env_kwargs: dict | None = None, progress=None,
                unhinted_target: str = "random") -> str:
-    """``unhinted_target``: ``random`` trains un-hinted turns on a uniformly random key (the toy study's warm start:
+    """``unhinted_target``: ``random`` trains un-hinted turns on a uniformly random key (the demo's warm start:
     a uniform starting policy, but it teaches the model that the colour is irrelevant, which costs plasticity);
     ``none`` trains only their format tokens."""
     if unhinted_target not in ("random", "none", "recall"):
