@@ -95,7 +95,9 @@ SLOW_ENV_STEP_TIMEOUT = {"appworld": 120.0}
 def cmd_appworld(args: argparse.Namespace) -> int:
     from verl_hindsight.envs.appworld_server import main as appworld_main
 
-    return appworld_main(args.appworld_args)
+    # `appworld --help` is parsed as this subcommand's own -h/--help (argparse cannot hand a leading option to a
+    # REMAINDER positional), so it is forwarded explicitly; after a sub-subcommand, --help lands in appworld_args.
+    return appworld_main((["--help"] if args.appworld_help else []) + args.appworld_args)
 
 
 def cmd_recipes(_args: argparse.Namespace) -> int:
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     appworld = sub.add_parser("appworld", help="manage AppWorld's isolated venv and servers "
                               "(setup | generate-tasks | serve | info); see docs/benchmarks/appworld.md",
                               add_help=False)
+    appworld.add_argument("-h", "--help", dest="appworld_help", action="store_true", help=argparse.SUPPRESS)
     appworld.add_argument("appworld_args", nargs=argparse.REMAINDER)
     appworld.set_defaults(func=cmd_appworld)
 
