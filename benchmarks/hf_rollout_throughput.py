@@ -74,7 +74,7 @@ def grpo_step_times(model_dir: Path, work: Path, steps: int, max_num_seqs: int) 
     cmd = main_ppo_command("cpu/grpo_smoke", [
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={train}", f"data.val_files={val}",
         f"trainer.total_training_steps={steps}", f"actor_rollout_ref.rollout.max_num_seqs={max_num_seqs}",
-        "trainer.v1.trainer_mode=hindsight", "+hindsight.replay_poll_interval_s=0.05",
+        "trainer.v1.trainer_mode=hindsight", "hindsight.replay_poll_interval_s=0.05",
     ])
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics))
     with open(run / "verl.log", "w") as log:

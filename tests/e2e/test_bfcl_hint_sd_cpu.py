@@ -37,7 +37,7 @@ def test_hint_sd_runs_on_bfcl_tasks(tmp_path):
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
         "data.max_prompt_length=14000", "data.max_response_length=48",
         "actor_rollout_ref.rollout.agent.default_agent_loop=hindsight_tool_env",
-        "hindsight.env.max_turns=2", "hindsight.analyzer.role=analyzer", "+hindsight.analyzer.max_tokens=32",
+        "hindsight.env.max_turns=2", "hindsight.analyzer.role=analyzer", "hindsight.analyzer.max_tokens=32",
         "hindsight.feedback.source=analyzer", "hindsight.targets.turns=analyzer_topk",
         f"trainer.default_local_dir={tmp_path / 'ckpt'}",
     ]

@@ -80,7 +80,7 @@ def test_hint_sd_distils_the_failing_steps(format_model, data, tmp_path):
 
 def test_hint_sd_with_the_policy_as_analyzer_counts_parse_failures(format_model, data, tmp_path):
     overrides = _base(format_model, data, tmp_path, steps=1) + [
-        "hindsight.analyzer.role=analyzer", "+hindsight.analyzer.max_tokens=48", "hindsight.feedback.source=analyzer",
+        "hindsight.analyzer.role=analyzer", "hindsight.analyzer.max_tokens=48", "hindsight.feedback.source=analyzer",
         "hindsight.targets.turns=analyzer_topk"]
     (m,) = run_recipe("cpu/toy_hint_sd", tmp_path, overrides)
     failed = 16 - m["hindsight/env_success"] * 16
@@ -105,7 +105,7 @@ def test_serl_config_without_the_stage_fails_fast_with_the_fix(format_model, dat
 
 
 def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model, data, tmp_path):
-    teacher = ["hindsight.teacher.kind=ema", "+hindsight.teacher.ema_decay=0.5", "hindsight.teacher.log_probe=true",
+    teacher = ["hindsight.teacher.kind=ema", "hindsight.teacher.ema_decay=0.5", "hindsight.teacher.log_probe=true",
                "trainer.save_freq=1"]
     full_dir = tmp_path / "full"
     full_dir.mkdir()
@@ -128,7 +128,7 @@ def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model
 def test_lagged_teacher_as_the_kl_anchor_moves_the_anchor(format_model, data, tmp_path):
     """kl_anchor=teacher (SERL's released code): the reference model is the teacher, so the anchor follows it."""
     overrides = _base(format_model, data, tmp_path, steps=3) + [
-        "hindsight.teacher.sync_interval=1", "hindsight.teacher.log_probe=true", "+hindsight.teacher.kl_anchor=teacher"]
+        "hindsight.teacher.sync_interval=1", "hindsight.teacher.log_probe=true", "hindsight.teacher.kl_anchor=teacher"]
     rows = run_recipe("cpu/toy_serl", tmp_path, overrides)
     for m in rows:
         assert m["hindsight/reference_probe_logprob"] == m["hindsight/teacher_probe_logprob"]

@@ -33,10 +33,10 @@ DEMO_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers":
               "num_key_value_heads": 8, "tie_word_embeddings": False}
 WARM_START = {"lr": 1e-3, "hint_prob": 0.75}
 ABLATIONS = {
-    "hint_sd_ema": ["hindsight.teacher.kind=ema", "+hindsight.teacher.ema_decay=0.99"],
-    "hint_sd_lagged": ["hindsight.teacher.kind=lagged", "+hindsight.teacher.sync_interval=10"],
+    "hint_sd_ema": ["hindsight.teacher.kind=ema", "hindsight.teacher.ema_decay=0.99"],
+    "hint_sd_lagged": ["hindsight.teacher.kind=lagged", "hindsight.teacher.sync_interval=10"],
     "hint_sd_live": ["hindsight.teacher.kind=live"],
-    "hint_sd_episode_start": ["+hindsight.teacher.insert_at=episode_start"],
+    "hint_sd_episode_start": ["hindsight.teacher.insert_at=episode_start"],
 }
 
 
@@ -91,7 +91,7 @@ def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: in
         f"hindsight.dump_dir={out / 'dump'}", "hindsight.dump_rows=8",
         # policy gradient on action tokens only: on every token, GRPO at this learning rate drives the tiny model
         # out of its <action> format (docs/demo.md, "History: measurements before the budget fix")
-        "+hindsight.advantage_tokens=actions",
+        "hindsight.advantage_tokens=actions",
         f"hindsight.stop_at_val_success={'null' if cfg.stop_at is None else cfg.stop_at}",
     ]
 
