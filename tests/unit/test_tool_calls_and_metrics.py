@@ -65,7 +65,7 @@ def test_env_check_tool_interface_oracle():
 
 
 def test_rollout_record_metrics_count_spans_and_failures():
-    from verl_hindsight.trainer.hindsight_trainer import rollout_record_metrics
+    from verl_hindsight.trainer.rollout_metrics import rollout_record_metrics
 
     response_mask = [torch.tensor([1, 1, 1, 0, 0, 1, 1]), torch.tensor([1, 1, 0])]
     action_mask = [torch.tensor([0, 1, 1, 0, 0, 0, 1]), torch.tensor([0, 0, 0])]
@@ -92,18 +92,18 @@ def test_rollout_record_metrics_count_spans_and_failures():
 
 
 def test_episodes_cut_by_the_token_budget_are_counted_and_warned_once(caplog):
-    from verl_hindsight.trainer import hindsight_trainer
+    from verl_hindsight.trainer import rollout_metrics
 
     def env(cut):
         return {"hs_turns": [{}], "hs_env": {"success": False, "return": 0.25, "turns": 3, "invalid_actions": 0,
                                              "failure": "", "cut": cut}}
 
     mask = [torch.tensor([1, 1])] * 4
-    hindsight_trainer._budget_warned = False
-    with caplog.at_level("WARNING", logger=hindsight_trainer.__name__):
-        m = hindsight_trainer.rollout_record_metrics(
+    rollout_metrics._budget_warned = False
+    with caplog.at_level("WARNING", logger=rollout_metrics.__name__):
+        m = rollout_metrics.rollout_record_metrics(
             mask, mask, [env("response_length"), env("max_turns"), env(""), env("response_length")])
-        again = hindsight_trainer.rollout_record_metrics(mask, mask, [env("response_length")] * 4)
+        again = rollout_metrics.rollout_record_metrics(mask, mask, [env("response_length")] * 4)
     assert m["hindsight/episode_cut/response_length"] == 0.5 and m["hindsight/episode_cut/max_turns"] == 0.25
     assert again["hindsight/episode_cut/response_length"] == 1.0
     warnings = [r.getMessage() for r in caplog.records if "data.max_response_length" in r.getMessage()]

@@ -82,12 +82,16 @@ def _reference_kl(student_logits_row, ids, lps):
     return (s_all * (s_all.log() - t_all.log())).sum()
 
 
+def _random_case(gen, prompt_lens, masks):
+    """Teacher rows (top-k on the masked positions), the packed batch, and its total token count."""
+    teacher = [_teacher_row(gen, len(m), [j for j, x in enumerate(m) if x]) for m in masks]
+    return teacher, _batch(prompt_lens, teacher, masks), sum(p + len(m) for p, m in zip(prompt_lens, masks))
+
+
 def test_student_hook_and_loss_equal_the_full_softmax_reference():
     gen = torch.Generator().manual_seed(1)
     prompt_lens, masks = [3, 2], [[1, 0, 1], [0, 1, 1, 0]]
-    teacher = [_teacher_row(gen, len(m), [j for j, x in enumerate(m) if x]) for m in masks]
-    data = _batch(prompt_lens, teacher, masks)
-    total = sum(p + len(m) for p, m in zip(prompt_lens, masks))
+    teacher, data, total = _random_case(gen, prompt_lens, masks)
     logits = torch.randn(1, total, V, generator=gen, requires_grad=True)
 
     out = student_topk_tail_kl(logits, data)[STUDENT_KL_KEY]
@@ -128,9 +132,7 @@ def test_student_hook_gradient_equals_the_full_softmax_reference():
     """d(sum of per-token KL)/d(student logits) against autograd through the float64 full-softmax reference."""
     gen = torch.Generator().manual_seed(3)
     prompt_lens, masks = [2, 4], [[1, 1, 0], [1, 0, 1, 1]]
-    teacher = [_teacher_row(gen, len(m), [j for j, x in enumerate(m) if x]) for m in masks]
-    data = _batch(prompt_lens, teacher, masks)
-    total = sum(p + len(m) for p, m in zip(prompt_lens, masks))
+    teacher, data, total = _random_case(gen, prompt_lens, masks)
     base = torch.randn(1, total, V, generator=gen) * 2
 
     logits = base.clone().requires_grad_(True)

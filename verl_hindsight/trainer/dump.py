@@ -65,3 +65,38 @@ def write_step(dump_dir: str, step: int, records: list[dict]) -> str:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, experiment: str, with_stage: bool,
+               serl_factor=None, feedback: Optional[dict] = None) -> None:
+    """Write the first ``max_rows`` non-padding rows of the batch (read from TransferQueue) as ``step_<k>.jsonl``.
+
+    ``serl_factor``: (bs, response_length) factor SERL applied to the advantage; ``feedback``: (row, turn) -> text
+    the teacher saw."""
+    from verl_hindsight.trainer import batch_io as io
+
+    rows = [i for i, pad in enumerate(io.is_padding(batch)) if not pad][:max_rows]
+    if not rows:
+        return
+    fields = ["prompts", "responses", "action_mask", "old_log_probs", "advantages", "extra_fields", "uid"]
+    if with_stage:
+        fields += ["teacher_log_probs", "hindsight_mask"]
+    data = io.get(batch, fields, keys=[batch.keys[i] for i in rows])
+    extra, uids = io.objects(data, "extra_fields"), io.objects(data, "uid")
+    feedback = feedback or {}
+    columns = {name: io.rows(data[name]) for name in fields if name not in ("extra_fields", "uid")}
+    records = []
+    for k, row in enumerate(rows):
+        response = columns["responses"][k].tolist()
+        n = len(response)
+        hmask = columns["hindsight_mask"][k].tolist() if with_stage else [0] * n
+        teacher = columns["teacher_log_probs"][k].float().tolist() if with_stage else [0.0] * n
+        tokens = token_records(tokenizer, response, columns["action_mask"][k].tolist(), hmask,
+                               columns["old_log_probs"][k].float().tolist(), teacher,
+                               columns["advantages"][k].float().tolist(),
+                               serl_factor[row, :n].tolist() if serl_factor is not None else None)
+        prompt = tokenizer.decode(columns["prompts"][k].tolist(), skip_special_tokens=False)
+        turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
+        records.append(trajectory_record(step, experiment, str(uids[k]), extra[k] if isinstance(extra[k], dict) else {},
+                                         prompt, tokens, turn_feedback))
+    write_step(dump_dir, step, records)

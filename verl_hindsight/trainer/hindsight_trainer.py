@@ -8,19 +8,22 @@ The data flow of one step, with what this class adds in brackets::
 
 - the hindsight stage (``hindsight.enable``, :mod:`verl_hindsight.hindsight.stage`) writes ``teacher_log_probs``
   (fp32) and ``hindsight_mask`` next to ``old_log_probs`` in TransferQueue, and logs ``hindsight/*`` metrics;
-- ``algorithm.adv_estimator=serl``: verl's GRPO advantage (with its multi-row session broadcast and rollout
-  correction untouched) reweighted on hindsight tokens (:mod:`verl_hindsight.algo.serl`);
+- ``algorithm.adv_estimator=serl``: verl's advantage step run with ``algorithm.serl.base_estimator`` (KL in
+  reward, rollout correction and the multi-row GRPO broadcast untouched), then the estimator verl's registry
+  returns for ``serl`` (:func:`verl_hindsight.algo.serl.compute_serl_advantage`) reweights it on hindsight tokens;
 - ``hindsight.distill.coef > 0``: the actor loss gains the masked divergence (:mod:`verl_hindsight.algo.loss`),
   installed with verl's ``set_loss_fn``;
 - ``hindsight.teacher.kind`` frozen/ema/lagged: the teacher is scored by the worker's reference model
-  (:mod:`.teacher_worker`), updated after each actor update and saved with verl's checkpoints; a moving teacher
-  in a run with a KL to the reference keeps its weights in a copy swapped in for the teacher pass only, so the KL
-  anchor stays on the initial policy (``hindsight.teacher.kl_anchor``);
+  (:mod:`.teacher_worker`), updated after each actor update and saved with verl's checkpoints
+  (:mod:`.teacher_weights`);
 - rollout accounting: after each rollout it reads the agent loops' per-turn records and action masks from
   TransferQueue and logs ``hindsight/*`` metrics (environment success, failures by reason, invalid actions,
-  turns, action-token fraction) and checks that action masks never cover observation tokens;
-- a responsive replay buffer: verl polls TransferQueue for finished rollouts every 2 s, a floor on every step
-  that dominates small (CPU) runs; ``hindsight.replay_poll_interval_s`` (default 0.05) lowers it.
+  turns, action-token fraction) and checks that action masks never cover observation tokens.
+
+Reads and writes of the batch in TransferQueue go through :mod:`.batch_io`.
+
+``hindsight.replay_poll_interval_s`` sets how often verl's replay buffer polls TransferQueue for finished rollouts
+(verl's 2 s is a floor on every step of a small run).
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections import Counter
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,74 +39,12 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from verl_hindsight.trainer import batch_io as io
+from verl_hindsight.trainer.rollout_metrics import batch_rollout_metrics
 from verl_hindsight.trainer.teacher_weights import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "hindsight"
-DEFAULT_POLL_INTERVAL_S = 0.05
-
-
-def rollout_record_metrics(action_masks, response_masks, extra_fields: list[dict],
-                           is_padding: list[bool] | None = None) -> dict[str, float]:
-    """``hindsight/*`` metrics of one training batch (pure function; unit-tested).
-
-    ``is_padding`` marks the synthetic rows verl appends to make the batch divisible by the data-parallel size;
-    they copy a real row's extra fields and are left out.
-    """
-    keep = [not p for p in is_padding] if is_padding is not None else [True] * len(extra_fields)
-    extra_fields = [e for e, k in zip(extra_fields, keep) if k]
-    if action_masks is not None:
-        action_masks = [r for r, k in zip(io.rows(action_masks), keep) if k]
-    response_masks = [r for r, k in zip(io.rows(response_masks), keep) if k]
-    n = len(extra_fields)
-    metrics: dict[str, float] = {"hindsight/rows": float(n)}
-    with_turns = [e for e in extra_fields if isinstance(e, dict) and "hs_turns" in e]
-    metrics["hindsight/rows_with_turn_records"] = len(with_turns) / max(n, 1)
-    if action_masks is None:
-        metrics["hindsight/rows_with_action_mask"] = 0.0
-        return metrics
-    action_tokens = response_tokens = leaked = 0
-    for am, rm in zip(action_masks, response_masks):
-        am, rm = am.long(), rm.long()
-        action_tokens += int(am.sum())
-        response_tokens += int(rm.sum())
-        leaked += int((am * (1 - rm)).sum())
-    metrics["hindsight/rows_with_action_mask"] = 1.0
-    metrics["hindsight/action_token_frac"] = action_tokens / max(response_tokens, 1)
-    metrics["hindsight/action_tokens_on_observation"] = float(leaked)
-    # one summary per episode: in history mode an episode spans several rows, only its last row counts
-    envs = [e["hs_env"] for e in with_turns if "hs_env" in e and e.get("hs_last_row", True)]
-    if envs:
-        metrics["hindsight/env_success"] = sum(bool(e["success"]) for e in envs) / len(envs)
-        metrics["hindsight/env_return"] = sum(float(e["return"]) for e in envs) / len(envs)
-        metrics["hindsight/turns_mean"] = sum(int(e["turns"]) for e in envs) / len(envs)
-        turns = sum(int(e["turns"]) for e in envs)
-        metrics["hindsight/invalid_action_rate"] = sum(int(e["invalid_actions"]) for e in envs) / max(turns, 1)
-        for reason in ("response_length", "max_turns"):
-            metrics[f"hindsight/episode_cut/{reason}"] = sum(e.get("cut") == reason for e in envs) / len(envs)
-        _warn_budget_cuts(metrics["hindsight/episode_cut/response_length"])
-        failures = Counter(e["failure"] for e in envs if e.get("failure"))
-        metrics["hindsight/env_failures"] = float(sum(failures.values()))
-        for reason, count in failures.items():
-            metrics[f"hindsight/env_failure/{reason}"] = float(count)
-    return metrics
-
-
-_budget_warned = False
-
-
-def _warn_budget_cuts(fraction: float) -> None:
-    """Say once per process when episodes run out of response tokens: their return holds only the steps taken,
-    so a budget too small for a whole episode silently caps success (the toy corridor once needed 104 tokens for
-    four doors and had 96)."""
-    global _budget_warned
-    if fraction > 0 and not _budget_warned:
-        _budget_warned = True
-        logger.warning("%.0f%% of this step's episodes ended because the response ran out of tokens before the "
-                       "environment ended them (hindsight/episode_cut/response_length); their return counts only "
-                       "the steps taken. Raise data.max_response_length (or lower hindsight.env.max_turns) if "
-                       "whole episodes should fit.", 100 * fraction)
 
 
 @contextmanager
@@ -196,7 +135,7 @@ class HindsightTrainer(PPOTrainerSync):
     # ------------------------------------------------------------------ step
     def _compute_old_log_prob(self, batch, metrics: dict):
         batch = super()._compute_old_log_prob(batch, metrics)
-        metrics.update(self._rollout_record_metrics(batch))
+        metrics.update(batch_rollout_metrics(batch, self.hs.enable))
         if self.hs.enable:
             import time
 
@@ -215,37 +154,12 @@ class HindsightTrainer(PPOTrainerSync):
         serl_on = self.serl is not None and self.serl.mixing(self.updates_done) > 0
         return serl_on or self.hs.distill.coef_at(self.updates_done) > 0
 
-    def _teacher_pass(self, topk: bool = False):
-        """The worker method that scores teacher sequences, and the scorer's keyword arguments.
+    def _teacher_scorer(self, topk: bool = False):
+        """The teacher pass on the worker group (sampled-token log-probs, or with ``topk`` the teacher's top-k)."""
+        from verl_hindsight.trainer.teacher_pass import teacher_scorer
 
-        frozen/EMA/lagged teachers are the reference model (``compute_ref_log_prob``; with LoRA the adapter-free
-        actor), the live one is the actor; ``topk`` picks the hindsight worker's top-k variant of the same pass.
-        """
-        arr = self.config.actor_rollout_ref
-        on_ref = self.hs.teacher.uses_reference_model and not self.ref_in_actor
-        block = arr.ref if on_ref else arr.rollout
-        micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
-        extra = {"no_lora_adapter": True} if self.hs.teacher.uses_reference_model and not on_ref else None
-        wg = self.actor_rollout_wg
-        if topk:
-            call = wg.hs_compute_ref_topk if on_ref else wg.hs_compute_actor_topk
-        else:
-            call = wg.compute_ref_log_prob if on_ref else wg.compute_log_prob
-        return call, dict(temperature=arr.rollout.temperature, dp_size=wg.world_size, micro_batch_size=micro,
-                          extra_meta=extra)
-
-    def _teacher_scorer(self):
-        from verl_hindsight.trainer.teacher_pass import worker_scorer
-
-        call, kwargs = self._teacher_pass()
-        return worker_scorer(call, **kwargs)
-
-    def _teacher_topk_scorer(self):
-        """The teacher's top-k through the same worker passes as :meth:`_teacher_scorer` (``topk_tail`` loss)."""
-        from verl_hindsight.trainer.teacher_pass import worker_topk_scorer
-
-        call, kwargs = self._teacher_pass(topk=True)
-        return worker_topk_scorer(call, k=self.hs.distill.topk, **kwargs)
+        return teacher_scorer(self.config.actor_rollout_ref, self.hs.teacher, self.actor_rollout_wg,
+                              ref_in_actor=self.ref_in_actor, topk=self.hs.distill.topk if topk else 0)
 
     @property
     def _uses_topk(self) -> bool:
@@ -285,7 +199,7 @@ class HindsightTrainer(PPOTrainerSync):
             rollout = self.config.actor_rollout_ref.rollout
             teacher = dataclasses.replace(teacher, max_length=int(rollout.prompt_length + rollout.response_length))
         if self._stage_active():
-            scorers = ({"topk_scorer": self._teacher_topk_scorer(), "topk": self.hs.distill.topk} if self._uses_topk
+            scorers = ({"topk_scorer": self._teacher_scorer(topk=True), "topk": self.hs.distill.topk} if self._uses_topk
                        else {"scorer": self._teacher_scorer()})
             with self.teacher_weights.in_reference(self.actor_rollout_wg):
                 result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
@@ -383,36 +297,13 @@ class HindsightTrainer(PPOTrainerSync):
 
     def _dump_trajectories(self, batch) -> None:
         """``hindsight.dump_dir``: sampled trajectories with per-token values, for the viewer (:mod:`.dump`)."""
-        from verl_hindsight.trainer.dump import token_records, trajectory_record, write_step
+        from verl_hindsight.trainer.dump import dump_batch
 
-        rows = [i for i, pad in enumerate(io.is_padding(batch)) if not pad][: self.hs.dump_rows]
-        if not rows:
-            return
-        fields = ["prompts", "responses", "action_mask", "old_log_probs", "advantages", "extra_fields", "uid"]
-        if self.hs.enable:
-            fields += ["teacher_log_probs", "hindsight_mask"]
-        data = io.get(batch, fields, keys=[batch.keys[i] for i in rows])
-        extra, uids = io.objects(data, "extra_fields"), io.objects(data, "uid")
-        tokenizer = self._renderer().tokenizer
-        factor = getattr(self, "_hs_serl_factor", None) if self.serl is not None else None
-        feedback = getattr(self, "_hs_feedback", {}) if self.hs.enable else {}
-        columns = {name: io.rows(data[name]) for name in fields if name not in ("extra_fields", "uid")}
-        records = []
-        for k, row in enumerate(rows):
-            response = columns["responses"][k].tolist()
-            n = len(response)
-            hmask = columns["hindsight_mask"][k].tolist() if self.hs.enable else [0] * n
-            teacher = columns["teacher_log_probs"][k].float().tolist() if self.hs.enable else [0.0] * n
-            tokens = token_records(tokenizer, response, columns["action_mask"][k].tolist(), hmask,
-                                   columns["old_log_probs"][k].float().tolist(), teacher,
-                                   columns["advantages"][k].float().tolist(),
-                                   factor[row, :n].tolist() if factor is not None else None)
-            prompt = tokenizer.decode(columns["prompts"][k].tolist(), skip_special_tokens=False)
-            turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
-            records.append(trajectory_record(self.global_steps, str(self.config.trainer.experiment_name),
-                                             str(uids[k]), extra[k] if isinstance(extra[k], dict) else {}, prompt,
-                                             tokens, turn_feedback))
-        write_step(self.hs.dump_dir, self.global_steps, records)
+        dump_batch(batch, dump_dir=self.hs.dump_dir, max_rows=self.hs.dump_rows, tokenizer=self._renderer().tokenizer,
+                   step=self.global_steps, experiment=str(self.config.trainer.experiment_name),
+                   with_stage=self.hs.enable,
+                   serl_factor=getattr(self, "_hs_serl_factor", None) if self.serl is not None else None,
+                   feedback=getattr(self, "_hs_feedback", {}) if self.hs.enable else {})
 
     def _validate(self, *args, **kwargs):
         metrics = super()._validate(*args, **kwargs)
@@ -453,30 +344,3 @@ class HindsightTrainer(PPOTrainerSync):
         if self.config.trainer.resume_mode == "resume_path":
             folder = self.config.trainer.resume_from_path
         self.teacher_weights.load(self.actor_rollout_wg, folder)
-
-    # ------------------------------------------------------------------ accounting
-    def _rollout_record_metrics(self, batch) -> dict[str, Any]:
-        fields = ["response_mask", "extra_fields"]
-        try:
-            data = io.get(batch, fields + ["action_mask"])
-            action_masks = data["action_mask"]
-        except (KeyError, RuntimeError, ValueError) as exc:
-            # Reported as hindsight/rows_with_action_mask = 0, and said once in the log.
-            if not getattr(self, "_warned_no_action_mask", False):
-                logger.warning("hindsight trainer: the batch has no action_mask (%s); use a verl-hindsight agent "
-                               "loop (agent_name=hindsight_text_env) to record action spans", exc)
-                self._warned_no_action_mask = True
-            if self.hs.enable:
-                raise RuntimeError("hindsight.enable=true needs action spans: use a verl-hindsight agent loop "
-                                   "(hindsight_text_env / hindsight_tool_env)") from exc
-            data = io.get(batch, fields)
-            action_masks = None
-        extra, padding = io.objects(data, "extra_fields"), io.is_padding(batch)
-        metrics = rollout_record_metrics(action_masks, data["response_mask"], extra, padding)
-        if metrics.get("hindsight/action_tokens_on_observation", 0) > 0:
-            bad = [(key, am.tolist(), rm.tolist()) for key, am, rm, pad in
-                   zip(batch.keys, io.rows(action_masks), io.rows(data["response_mask"]), padding)
-                   if not pad and int((am * (1 - rm)).sum())]
-            raise RuntimeError("hindsight trainer: action_mask covers observation tokens (response_mask 0); the agent "
-                               f"loop's spans are wrong. First offending row (key, action_mask, response_mask): {bad[0]}")
-        return metrics
