@@ -1,4 +1,4 @@
-"""SERL for two steps on generated ALFWorld games (real TextWorld engine) through stock main_ppo (issue 9)."""
+"""SERL for two steps on generated ALFWorld games (real TextWorld engine) through stock main_ppo."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""HINT-SD for one step on real BFCL tasks through stock main_ppo, with the tiny model (issue 8).
+"""HINT-SD for one step on real BFCL tasks through stock main_ppo, with the tiny model.
 
 Rewards are 0 with a random model; what must run is the tool-calling loop on BFCL's real backends, the policy as
 its own analyzer through the rollout server, the parse-failure accounting and the hindsight metrics.

@@ -1,5 +1,5 @@
 """`verl-hindsight demo --quick` end to end: every method runs through stock main_ppo and the run folder holds
-well-formed outputs (issue 7)."""
+well-formed outputs."""
 
 import json
 import subprocess

@@ -49,7 +49,7 @@ def test_generator_writes_all_task_types_deterministically(alf_cache, tmp_path):
     twin = again / first.relative_to(root)
     if twin.exists():  # the verified draw can differ from the first draw when the expert rejected a scene
         assert twin.read_text() == first.read_text()
-    # pitfalls from the research notes: traj_data.json next to the game, canContain facts, ALFRED sink ids
+    # known pitfalls of generated games: traj_data.json next to the game, canContain facts, ALFRED sink ids
     game = json.loads(first.read_text())
     assert (first.parent / "traj_data.json").exists() and "(canContain " in game["pddl_problem"]
     assert "UNKNOWN GOAL" not in game["grammar"] and game["solvable"] is True

@@ -1,4 +1,4 @@
-"""AppWorld through its isolated environment server (issue 10).
+"""AppWorld through its isolated environment server.
 
 Fast tests (no AppWorld venv): module imports, CLI parsing, data-root resolution. The rest (``@pytest.mark.e2e``)
 run the real ``appworld serve environment`` app from a separate venv that the session fixture creates with

@@ -2,7 +2,7 @@
 
 Sampled-token estimators (k1/k3/JSD) only see the student's log-prob of the token it sampled. On a failed turn that
 token is the wrong one: k3's gradient pushes it down but never pulls the teacher's answer up, and the freed mass
-spreads over the whole vocabulary (measured on the CPU demo: the tiny model left its action format). The
+spreads over the whole vocabulary (on the CPU demo the tiny model lost its action format; docs/demo.md). The
 full-distribution reverse KL pulls the teacher's answer up directly, which is what HINT-SD's released loss does.
 
 verl 0.9.1 passes the student's logits to the loss only through its top-k distillation hook: when a micro-batch

@@ -1,4 +1,4 @@
-"""Hindsight feedback sources and their placement (SERL, methods-reference A1).
+"""Hindsight feedback sources and their placement (SERL's five sources, turn- or anchor-level).
 
 A *feedback source* reads one GRPO group (the rollouts of one task, same ``uid``) and returns the hindsight text
 the self-teacher sees for each (trajectory index within the group, turn index); turns without feedback are simply
