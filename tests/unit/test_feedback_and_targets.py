@@ -22,7 +22,6 @@ from verl_hindsight.hindsight.feedback import (
 )
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord
 from verl_hindsight.hindsight.targets import (
-    hindsight_token_mask,
     select_targets,
     target_metrics,
 )
@@ -377,21 +376,6 @@ def test_target_config_validation():
         TargetConfig(trajectories="successful")
     with pytest.raises(ValueError):
         TargetConfig(k=0)
-
-
-def test_hindsight_token_mask():
-    # response: [think think ACT ACT fmt | obs obs | think ACT ACT ACT]; action_mask 0 on the </action>-ish token
-    action_mask = [0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1]
-    turns = [
-        rec(0, "a", "r", "x", span=(2, 5)),
-        rec(1, "b", "r", "x", span=(8, 11)),
-        rec(2, None, "r", "x", span=None),
-    ]
-    assert hindsight_token_mask(action_mask, turns, [1]) == [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]
-    assert hindsight_token_mask(action_mask, turns, [0, 1, 2]) == [0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1]
-    assert hindsight_token_mask(action_mask, turns, []) == [0] * 11
-    # a span running past the response is cut at its end
-    assert hindsight_token_mask([1, 1, 1], [rec(0, "a", "r", "x", span=(1, 9))], [0]) == [0, 1, 1]
 
 
 def test_target_metrics():

@@ -191,12 +191,15 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
         action_mask = [0] * len(response)
         for _, _, a, b in turns:
             action_mask[a:b] = [1] * (b - a)
+            if b - a >= 2:  # a non-action token inside the span (a closing tag): never targeted
+                action_mask[b - 1] = 0
         old = [rng.uniform(-5, 0) for _ in response]
         rows.append(Row(uid="g", prompt_ids=prompt, response_ids=response, action_mask=action_mask,
                         extra_fields=extra, old_log_probs=old))
         chosen = [t for t in turns if errors[t[0]]] if not success else []
-        expected.append(reference_teacher(tok, model, prompt, response, [(t, errors[t[0]]) for t in chosen],
-                                          mode == "cumulative") if chosen else {})
+        ref = reference_teacher(tok, model, prompt, response, [(t, errors[t[0]]) for t in chosen],
+                                mode == "cumulative") if chosen else {}
+        expected.append({i: v for i, v in ref.items() if action_mask[i]})
     rows.append(Row(uid="g", prompt_ids=rows[0].prompt_ids, response_ids=[5], action_mask=[0], extra_fields=rows[0]
                     .extra_fields, old_log_probs=[0.0], is_padding=True))
     result = run_stage(rows, feedback_config=FeedbackConfig(source="error"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from verl_hindsight.config import TargetConfig
-from verl_hindsight.hindsight.records import Trajectory, TurnRecord
+from verl_hindsight.hindsight.records import Trajectory
 
 
 def eligible(traj: Trajectory, config: TargetConfig) -> bool:
@@ -46,20 +46,6 @@ def select_targets(trajectories: list[Trajectory], feedback: dict[tuple[int, int
         if chosen:
             targets[i] = chosen
     return targets
-
-
-def hindsight_token_mask(action_mask: list[int], turns: list[TurnRecord], targets: list[int]) -> list[int]:
-    """1 exactly on action tokens (``action_mask == 1``) inside the action spans of the targeted turns."""
-    mask = [0] * len(action_mask)
-    wanted = set(targets)
-    for t in turns:
-        if t.turn not in wanted or t.action_span is None:
-            continue
-        start, end = t.action_span
-        for pos in range(max(start, 0), min(end, len(action_mask))):
-            if action_mask[pos] == 1:
-                mask[pos] = 1
-    return mask
 
 
 def target_metrics(targets: dict[int, list[int]]) -> dict[str, float]:
