@@ -112,10 +112,10 @@ def _loop_settings(config, overrides: dict[str, Any]):
     """(``hindsight.env`` with the loop's overrides, ``hindsight.analyzer``), parsed once per worker config: verl
     builds an agent loop per sample."""
     key = (id(config), json.dumps(overrides, sort_keys=True, default=str))
-    if key not in _settings_cache:
-        _settings_cache[key] = (load_env_loop_config(config, overrides),
+    if key not in _settings_cache:  # the entry holds the config, so its id cannot be reused by another object
+        _settings_cache[key] = (config, load_env_loop_config(config, overrides),
                                 load_hindsight_config(config, validate=False).analyzer)
-    return _settings_cache[key]
+    return _settings_cache[key][1:]
 
 
 class EnvAgentLoopBase(AgentLoopBase):

@@ -47,6 +47,12 @@ logger = logging.getLogger(__name__)
 TRAINER_MODE = "hindsight"
 
 
+def _kl_to_reference(config) -> bool:
+    """Whether the run has a KL to the reference model (the anchor a moving teacher must not drag along)."""
+    return bool(config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
+        bool(config.algorithm.get("use_kl_in_reward", False))
+
+
 @contextmanager
 def _verl_estimator(config, name: str):
     """verl's advantage step reads the estimator's name from ``algorithm.adv_estimator``; SERL's base advantage is
@@ -76,9 +82,7 @@ class HindsightTrainer(PPOTrainerSync):
         self.serl = None
         if str(config.algorithm.adv_estimator) == "serl":
             self.serl = load_serl_config(config.algorithm)
-        kl_to_reference = bool(config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
-            bool(config.algorithm.get("use_kl_in_reward", False))
-        self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, kl_to_reference)
+        self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, _kl_to_reference(config))
         self._hs_num_targets = 0
         self._hs_num_rows = 0
         super().__init__(config)
@@ -122,15 +126,10 @@ class HindsightTrainer(PPOTrainerSync):
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
         self.teacher_weights.ensure_copy(self.actor_rollout_wg)
-        if self.teacher_weights.moving and self.hs.teacher.kl_anchor == "teacher" and self._kl_to_reference:
+        if self.teacher_weights.moving and self.hs.teacher.kl_anchor == "teacher" and _kl_to_reference(self.config):
             logger.warning("hindsight: kl_anchor=teacher: the KL to the reference follows the %s teacher, so it no "
                            "longer holds the policy near its start (hindsight.teacher.kl_anchor=initial keeps it "
                            "there)", self.hs.teacher.kind)
-
-    @property
-    def _kl_to_reference(self) -> bool:
-        return bool(self.config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
-            bool(self.config.algorithm.get("use_kl_in_reward", False))
 
     # ------------------------------------------------------------------ step
     def _compute_old_log_prob(self, batch, metrics: dict):
