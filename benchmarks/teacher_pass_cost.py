@@ -44,7 +44,7 @@ def time_forward(model, sequences, repeats: int) -> float:
         for _ in range(repeats):
             t0 = time.perf_counter()
             for seq in sequences:
-                model(input_ids=torch.tensor([seq]))
+                model(input_ids=torch.as_tensor(seq).unsqueeze(0))
             best = min(best, time.perf_counter() - t0)
     return best
 

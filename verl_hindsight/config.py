@@ -302,6 +302,10 @@ class HindsightConfig(BaseConfig):
                 raise ValueError(f"hindsight.distill.divergence=topk_tail runs in the FSDP engine's logits hook; "
                                  f"actor_rollout_ref.actor.strategy={strategy} is not supported (its logits are "
                                  "vocab-sharded): use divergence=k3 there")
+            if estimator == "serl":
+                raise ValueError("algorithm.adv_estimator=serl with hindsight.distill.divergence=topk_tail: SERL's "
+                                 "weights need the teacher's log-prob of every sampled token, the top-k teacher pass "
+                                 "keeps only its k most likely tokens; use divergence=k1, k3 or jsd with SERL")
         sources = self.feedback.sources
         if "analyzer" in sources and self.analyzer.role != "analyzer":
             raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")

@@ -29,7 +29,7 @@ from verl_hindsight.hindsight.records import Trajectory, TurnRecord
 def turn(i, action="go north", obs=None, feedback=None, error=None, reward=0.0, done=False):
     obs = obs if obs is not None else f"room {i}"
     return TurnRecord(
-        turn=i, response_span=(0, 1), action_span=(0, 1) if action else None, action=action, observation=obs,
+        turn=i, response_span=(0, 1), has_action=bool(action), action=action, observation=obs,
         anchor=obs, feedback=feedback if feedback is not None else (error or f"room {i + 1}"), error=error,
         next_observation=f"room {i + 1}", reward=reward, done=done, invalid_action=error is not None,
     )

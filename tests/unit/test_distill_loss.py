@@ -133,8 +133,9 @@ def test_teacher_gets_no_gradient():
 # ------------------------------------------------------------------------------ the verl loss wrapper
 
 
-def _micro_batch(rows, num_targets, num_rows):
-    """rows: list of (prompt_len, student_lp[resp], teacher_lp[resp], hindsight_mask[resp])."""
+def _micro_batch(rows, num_targets):
+    """rows: list of (prompt_len, student_lp[resp], teacher_lp[resp], hindsight_mask[resp]); the teacher's log-probs
+    go into verl's layout (one row per prompt + response token, response token j described by row p - 1 + j)."""
     nested = lambda xs, dt: torch.nested.as_nested_tensor([torch.tensor(x, dtype=dt) for x in xs],
                                                           layout=torch.jagged)
     prompts = [[1] * p for p, *_ in rows]
@@ -145,11 +146,13 @@ def _micro_batch(rows, num_targets, num_rows):
         "response_mask": nested([[1] * len(r) for r in responses], torch.int64),
         "old_log_probs": nested([lp for _, lp, _, _ in rows], torch.float32),
         "advantages": nested([[0.0] * len(lp) for _, lp, _, _ in rows], torch.float32),
-        "teacher_log_probs": nested([t for _, _, t, _ in rows], torch.float32),
+        "teacher_logprobs": nested([[[0.0]] * (p - 1) + [[x] for x in t] + [[0.0]] for p, _, t, _ in rows],
+                                   torch.float32),
+        "teacher_ids": nested([[[0]] * (p - 1) + [[2] for _ in t] + [[0]] for p, _, t, _ in rows], torch.int64),
         "hindsight_mask": nested([m for *_, m in rows], torch.int64),
     }, batch_size=len(rows))
-    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=sum(len(r) for r in responses), global_batch_size=num_rows,
-                         hs_num_targets=num_targets, hs_num_rows=num_rows, hs_global_step=0)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=sum(len(r) for r in responses), global_batch_size=len(rows),
+                         hindsight_num_targets=num_targets, hs_global_step=0)
     # model output: log-probs over the full sequence, shifted by one (position i scores token i + 1)
     full = []
     leaves = []
@@ -184,7 +187,7 @@ def _direct(rows):
 
 def test_loss_is_the_targeted_token_mean_and_grad_only_on_targets():
     distill = DistillConfig(coef=2.0, divergence="k3", policy_gradient=False)
-    data, out, leaves = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    data, out, leaves = _micro_batch(ROWS, num_targets=3)
     loss, metrics = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
     assert loss.item() == pytest.approx(2.0 * _direct(ROWS), rel=1e-5)
     assert metrics["hindsight/distill_loss"].aggregate() == pytest.approx(_direct(ROWS), rel=1e-5)
@@ -196,31 +199,45 @@ def test_loss_is_the_targeted_token_mean_and_grad_only_on_targets():
 
 def test_value_does_not_shrink_with_untargeted_tokens():
     distill = DistillConfig(coef=1.0, divergence="k3", policy_gradient=False)
-    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    data, out, _ = _micro_batch(ROWS, num_targets=3)
     base, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
     untargeted = ROWS + [(4, [-1.0] * 20, [-3.0] * 20, [0] * 20)]
-    data, out, _ = _micro_batch(untargeted, num_targets=3, num_rows=3)
-    tu.assign_non_tensor(data, global_batch_size=3)
+    data, out, _ = _micro_batch(untargeted, num_targets=3)
     more, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
     assert more.item() == pytest.approx(base.item(), rel=1e-6)
 
 
 def test_micro_batches_sum_to_the_full_batch_value():
     distill = DistillConfig(coef=1.0, divergence="jsd", jsd_beta=0.3, policy_gradient=False)
-    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    data, out, _ = _micro_batch(ROWS, num_targets=3)
     full, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
     parts = 0.0
     for row in ROWS:  # one row per micro-batch, the global count stays the batch's
-        data, out, _ = _micro_batch([row], num_targets=3, num_rows=2)
-        tu.assign_non_tensor(data, global_batch_size=2)
+        data, out, _ = _micro_batch([row], num_targets=3)
         part, _ = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
         parts += part.item()
     assert parts == pytest.approx(full.item(), rel=1e-5)
 
 
+def test_the_normaliser_counts_targeted_response_tokens_and_is_required():
+    from verl_hindsight.algo.loss import targeted_tokens
+
+    data, out, _ = _micro_batch(ROWS, num_targets=3)
+    assert int(targeted_tokens(data)) == 3  # hand count of ROWS' masks
+    data["response_mask"] = torch.nested.as_nested_tensor([torch.tensor([1, 1, 0]), torch.tensor([1, 1])],
+                                                          layout=torch.jagged)
+    assert int(targeted_tokens(data)) == 2  # a targeted token outside the response mask is not counted
+    padded = data.select("hindsight_mask", "response_mask").to_padded_tensor()
+    assert int(targeted_tokens(padded)) == 2
+    data, out, _ = _micro_batch(ROWS, num_targets=3)
+    del data["hindsight_num_targets"]
+    with pytest.raises(RuntimeError, match="hindsight_num_targets"):
+        hindsight_ppo_loss(_actor_config(), out, data, distill=DistillConfig(coef=1.0, divergence="k3"))
+
+
 def test_with_policy_gradient_the_pg_loss_is_kept():
     distill = DistillConfig(coef=0.5, divergence="k1")
-    data, out, _ = _micro_batch(ROWS, num_targets=3, num_rows=2)
+    data, out, _ = _micro_batch(ROWS, num_targets=3)
     data["advantages"] = torch.nested.as_nested_tensor([torch.ones(3), -torch.ones(2)], layout=torch.jagged)
     loss, metrics = hindsight_ppo_loss(_actor_config(), out, data, distill=distill)
     pg = metrics["actor/pg_loss"].aggregate()

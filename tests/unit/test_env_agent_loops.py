@@ -78,17 +78,25 @@ def check_structure(loop, out, text_actions=True):
         if t["turn"] > 0 and s > 0:  # concatenated mode: the observation sits between the messages
             assert t["observation"] in tok.decode([ids[i] for i in between])
         prev_end = e
-        if t["action_span"] is not None:
-            a, b = t["action_span"]
-            assert s <= a < b <= e
-            assert all(amask[i] == 1 for i in range(a, b))
+        span = action_range(t, amask)
+        assert t["has_action"] == (span is not None) and "action_span" not in t  # the mask is the one record
+        if span is not None:
+            a, b = span
+            assert all(amask[i] == 1 for i in range(a, b))  # one contiguous run inside the message
             if t["action"] is not None and text_actions:
                 action = t["action"]
                 assert action in tok.decode(ids[a:b])
                 # minimal: dropping either end token loses part of the action
                 assert action not in tok.decode(ids[a + 1:b]) and action not in tok.decode(ids[a:b - 1])
-    assert sum(amask) == sum(b - a for t in turns if t["action_span"] for a, b in [t["action_span"]])
+    # every action token belongs to a turn's message
+    assert sum(amask) == sum(amask[i] for t in turns for i in range(*t["response_span"]))
     return turns
+
+
+def action_range(turn, amask):
+    """[first, last + 1) of the action tokens inside the turn's message, or None."""
+    acts = [i for i in range(*turn["response_span"]) if amask[i]]
+    return (acts[0], acts[-1] + 1) if acts else None
 
 
 async def test_text_loop_records_exact_spans(format_model):
@@ -189,8 +197,8 @@ async def test_tool_loop_uses_chat_template_and_records_call_spans(tiny_model_di
         out = await run_task(loop, task, env_kwargs=env_kwargs, temperature=0.0)
         turns = check_structure(loop, out, text_actions=False)
         for t in turns:
-            if t["action_span"] and not t["invalid_action"]:
-                a, b = t["action_span"]
+            if t["has_action"] and not t["invalid_action"]:
+                a, b = action_range(t, out.action_mask)
                 text = loop.tokenizer.decode(out.response_ids[a:b])
                 assert text.startswith("<tool_call>") and text.endswith("</tool_call>")
                 assert t["action"].startswith("use_key(")

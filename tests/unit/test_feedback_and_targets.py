@@ -27,9 +27,9 @@ from verl_hindsight.hindsight.targets import (
 )
 
 
-def rec(turn, action, anchor, feedback, next_obs=None, error=None, span=(0, 2), done=False):
+def rec(turn, action, anchor, feedback, next_obs=None, error=None, has_action=True, done=False):
     return TurnRecord(
-        turn=turn, response_span=(0, 4), action_span=span, action=action, observation=anchor, anchor=anchor,
+        turn=turn, response_span=(0, 4), has_action=has_action, action=action, observation=anchor, anchor=anchor,
         feedback=feedback, error=error, next_observation=next_obs if next_obs is not None else feedback,
         reward=0.0, done=done, invalid_action=error is not None,
     )
@@ -50,7 +50,7 @@ WALL = traj([
 ])
 WEST = traj([
     rec(0, "go west", "room 0", "Nothing happens.", next_obs="Obs: Nothing happens."),
-    rec(1, None, "room 0", "Invalid format.", span=None, done=True),
+    rec(1, None, "room 0", "Invalid format.", has_action=False, done=True),
 ])
 GROUP = [WIN, WALL, WEST]
 
@@ -225,7 +225,7 @@ def test_judge_skips_env_failed_and_actionless():
     calls = []
     source = make_judge_source(lambda p: calls.append(p) or "This rollout failed.")
     broken = traj([rec(0, "go east", "room 0", "boom")], failure="env crashed")
-    actionless = traj([rec(0, None, "room 0", "Invalid format.", span=None)])
+    actionless = traj([rec(0, None, "room 0", "Invalid format.", has_action=False)])
     assert source([broken, actionless]) == {}
     assert calls == [] and source.judge_calls == 0
 

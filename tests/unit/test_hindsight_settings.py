@@ -28,6 +28,15 @@ def test_distillation_without_the_stage_and_a_stage_nothing_uses_are_errors():
         load_hindsight_config(_cfg(enable=True))
 
 
+def test_serl_with_the_top_k_teacher_is_refused():
+    """SERL reads the teacher's log-prob of every sampled token; the top-k pass stores only the k best."""
+    cfg = _cfg("serl", enable=True, distill={"coef": 1.0, "divergence": "topk_tail", "topk": 4})
+    with pytest.raises(ValueError, match="divergence=k1, k3 or jsd with SERL"):
+        load_hindsight_config(cfg)
+    cfg.hindsight.distill.divergence = "k3"
+    assert load_hindsight_config(cfg).distill.divergence == "k3"
+
+
 def test_analyzer_sources_need_the_analyzer_role():
     with pytest.raises(ValueError, match="hindsight.analyzer.role=analyzer"):
         load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"}))
@@ -46,7 +55,7 @@ def test_analyzer_sources_need_the_analyzer_role():
 
 
 def _turn(k, error=None):
-    return {"turn": k, "response_span": [k * 10, k * 10 + 5], "action_span": [k * 10 + 1, k * 10 + 2],
+    return {"turn": k, "response_span": [k * 10, k * 10 + 5], "has_action": True,
             "action": "A", "observation": "o", "feedback": error or "next", "error": error, "next_observation": "next"}
 
 

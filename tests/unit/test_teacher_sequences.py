@@ -26,6 +26,17 @@ def env(tiny_model_and_tokenizer):
     return model, tok, FeedbackRenderer(tok), transformers_scorer(model)
 
 
+def response_aligned(mapped, prompt, response):
+    """verl's own reading of the teacher's layout (``no_padding_2_padding``): (response_len, K) per row."""
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    nested = lambda rows: torch.nested.as_nested_tensor([torch.as_tensor(r) for r in rows], layout=torch.jagged)  # noqa: E731
+    data = TensorDict({"prompts": nested([prompt]), "responses": nested([response])}, batch_size=1)
+    return (no_padding_2_padding(nested([mapped.teacher_logprobs]), data)[0],
+            no_padding_2_padding(nested([mapped.teacher_ids]), data)[0])
+
+
 def random_trajectory(tok, rng, n_turns):
     """A multi-turn trajectory shaped like the agent loop's: random 'generated' ids for each assistant message."""
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
@@ -85,14 +96,20 @@ def test_teacher_logprobs_equal_independent_assembly(env, mode, seed):
     targets = [TargetTurn(k, s, a, b, feedback[k]) for k, s, a, b in chosen]
     plan = plan_teacher_sequences(prompt, response, targets, renderer, mode=mode)
     assert len(plan.sequences) == (len(chosen) if mode == "isolated" else 1) and not plan.skipped
-    teacher, mask = map_back(plan, scorer([s.token_ids for s in plan.sequences]), len(response))
+    mapped = map_back(plan, scorer([s.token_ids for s in plan.sequences]), prompt, response)
     ref = reference_teacher(tok, model, prompt, response, [(t, feedback[t[0]]) for t in chosen], mode == "cumulative")
-    assert {i for i, m in enumerate(mask) if m} == set(ref)
-    for i, value in ref.items():
-        assert teacher[i] == pytest.approx(value, abs=1e-5)
+    assert set(mapped.hindsight_mask.nonzero().flatten().tolist()) == set(ref)
+    lps, ids = response_aligned(mapped, prompt, response)
+    assert lps.shape == ids.shape == (len(response), 1)
+    for i in range(len(response)):
+        if i in ref:  # verl's layout, read back by verl: the sampled token and the teacher's log-prob of it
+            assert float(mapped.sampled_log_probs[i]) == pytest.approx(ref[i], abs=1e-5)
+            assert float(lps[i, 0]) == pytest.approx(ref[i], abs=1e-5) and int(ids[i, 0]) == response[i]
+        else:
+            assert float(lps[i, 0]) == 0.0 and float(mapped.sampled_log_probs[i]) == 0.0
     if mode == "isolated":  # never forwards tokens past a target's action
         for seq, (k, s, a, b) in zip(plan.sequences, chosen):
-            assert seq.token_ids[-1] == response[b - 1]
+            assert int(seq.token_ids[-1]) == response[b - 1]
 
 
 def test_cumulative_forwards_fewer_tokens_than_isolated(env):
@@ -114,12 +131,12 @@ def test_over_length_sequences_are_truncated_left_or_skipped(env):
     cut = plan_teacher_sequences(prompt, response, targets, renderer, max_length=n - 5)
     seq = cut.sequences[0]
     assert len(seq.token_ids) == n - 5 and seq.truncated_left == 5
-    assert seq.token_ids == full_plan.sequences[0].token_ids[5:]
-    teacher, mask = map_back(cut, scorer([seq.token_ids]), len(response))
+    assert seq.token_ids.tolist() == full_plan.sequences[0].token_ids[5:].tolist()
+    teacher = map_back(cut, scorer([seq.token_ids]), prompt, response).sampled_log_probs
     with torch.no_grad():  # reference: forward of the left-truncated sequence
-        lp = model(input_ids=torch.tensor([seq.token_ids])).logits[0].float().log_softmax(-1)
-    for i, j in seq.positions:
-        assert teacher[i] == pytest.approx(float(lp[j - 1, seq.token_ids[j]]), abs=1e-5)
+        lp = model(input_ids=seq.token_ids.unsqueeze(0)).logits[0].float().log_softmax(-1)
+    for i, j in seq.positions.tolist():
+        assert float(teacher[i]) == pytest.approx(float(lp[j - 1, seq.token_ids[j]]), abs=1e-5)
     skipped = plan_teacher_sequences(prompt, response, targets, renderer, max_length=n - 5, overflow="skip")
     assert not skipped.sequences and skipped.skipped == [(k, "too_long")]
     # a limit below the action's own length + 1 cannot keep the target with any context at all
@@ -136,8 +153,8 @@ def test_bad_targets_are_skipped_with_reason_and_mask_respects_action_mask(env):
     assert plan.skipped == [(k0, "no_generation_prompt")] and len(plan.sequences) == 1
     action_mask = [1] * len(response)
     action_mask[a1] = 0  # e.g. a token the agent loop did not count as action
-    _, mask = map_back(plan, scorer([s.token_ids for s in plan.sequences]), len(response), action_mask)
-    assert mask[a1] == 0 and sum(mask) == b1 - a1 - 1
+    mask = map_back(plan, scorer([s.token_ids for s in plan.sequences]), prompt, response, action_mask).hindsight_mask
+    assert mask[a1] == 0 and int(mask.sum()) == b1 - a1 - 1
     with pytest.raises(ValueError, match="mode"):
         plan_teacher_sequences(prompt, response, [], renderer, mode="sometimes")
 
@@ -162,11 +179,11 @@ async def test_rollout_server_scoring_matches_transformers(env, tiny_model_dir):
     via_server = await score_with_rollout_server(generate, seqs)
     direct = scorer(seqs)
     for a, b in zip(via_server, direct):
-        assert a == pytest.approx(b, abs=1e-5)
+        assert torch.allclose(a, b, atol=1e-5)
 
 
-def _record(k, start, a, b, end, error):
-    return {"turn": k, "response_span": [start, end], "action_span": [a, b], "action": "A", "observation": f"o{k}",
+def _record(k, start, end, error):
+    return {"turn": k, "response_span": [start, end], "has_action": True, "action": "A", "observation": f"o{k}",
             "anchor": f"o{k}", "feedback": error or f"next {k}", "error": error, "next_observation": f"next {k}",
             "reward": 0.0, "done": False, "invalid_action": False}
 
@@ -185,7 +202,7 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
         prompt, response, turns = random_trajectory(tok, rng, n_turns=3)
         ends = [t[1] for t in turns[1:]] + [len(response)]
         errors = {k: (f"wrong key {r}{k}" if rng.random() < 0.6 else None) for k, *_ in turns}
-        records = [_record(k, s, a, b, e, errors[k]) for (k, s, a, b), e in zip(turns, ends)]
+        records = [_record(k, s, e, errors[k]) for (k, s, a, b), e in zip(turns, ends)]
         success = r == 3  # a successful rollout: never targeted with trajectories=failed
         extra = {"hs_turns": records, "hs_env": {"success": success, "return": float(success)}}
         action_mask = [0] * len(response)
@@ -205,44 +222,52 @@ def test_run_stage_maps_teacher_logprobs_onto_each_rows_targeted_action_tokens(e
     result = run_stage(rows, feedback_config=FeedbackConfig(source="error"),
                        target_config=TargetConfig(turns="with_feedback", trajectories="failed"),
                        teacher_config=TeacherConfig(mode=mode), renderer=renderer, scorer=scorer)
-    for row, teacher, mask, ref in zip(rows, result.teacher_log_probs, result.hindsight_mask, expected):
-        assert {i for i, m in enumerate(mask) if m} == set(ref)
+    for row, mapped, ref in zip(rows, result.rows, expected):
+        assert set(mapped.hindsight_mask.nonzero().flatten().tolist()) == set(ref)
+        lps, ids = response_aligned(mapped, row.prompt_ids, row.response_ids)
         for i in range(len(row.response_ids)):
-            assert teacher[i] == (pytest.approx(ref[i], abs=1e-5) if i in ref else 0.0)
-    assert result.teacher_log_probs[-1] == [0.0] and result.hindsight_mask[-1] == [0]  # padding row
+            assert float(lps[i, 0]) == (pytest.approx(ref[i], abs=1e-5) if i in ref else 0.0)
+            assert int(ids[i, 0]) == (int(row.response_ids[i]) if i in ref else 0)
+    padding = result.rows[-1]
+    assert not padding.teacher_logprobs.any() and not padding.hindsight_mask.any()
+    assert padding.teacher_logprobs.shape == (len(rows[-1].prompt_ids) + 1, 1)
     m = result.metrics
     assert m["hindsight/targeted_tokens"] == sum(len(r) for r in expected)
     # no response_mask on these rows: every response token counts; the padding row is left out
     assert m["hindsight/targeted_token_frac_of_response"] == pytest.approx(
         sum(len(r) for r in expected) / sum(len(r.response_ids) for r in rows[:-1]))
-    gaps = [result.teacher_log_probs[k][i] - rows[k].old_log_probs[i] for k, ref in enumerate(expected) for i in ref]
-    assert m["hindsight/gap_mean"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
+    gaps = [ref[i] - float(rows[k].old_log_probs[i]) for k, ref in enumerate(expected) for i in ref]
+    assert m["hindsight/gap_mean"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-5)
     assert m["hindsight/teacher_to_student_tokens"] > 0 and "hindsight/teacher_collapse" in m
 
-    # the top-k scorer (topk_tail loss): same sampled log-probs, plus the teacher's top-k on targeted tokens only
-    import torch
-
-    from verl_hindsight.hindsight.teacher_sequences import transformers_topk_scorer
+    # the top-k scorer (topk_tail loss): the teacher's top-k on targeted tokens only, same sampled log-probs
+    from verl_hindsight.hindsight.teacher_sequences import sampled_log_probs, transformers_topk_scorer
 
     k = 4
     with_topk = run_stage(rows, feedback_config=FeedbackConfig(source="error"),
                           target_config=TargetConfig(turns="with_feedback", trajectories="failed"),
                           teacher_config=TeacherConfig(mode=mode), renderer=renderer,
                           topk_scorer=transformers_topk_scorer(model, k), topk=k)
-    assert with_topk.hindsight_mask == result.hindsight_mask
-    for row, teacher, ref_teacher, mask, (ids, lps) in zip(rows, with_topk.teacher_log_probs,
-                                                             result.teacher_log_probs, result.hindsight_mask,
-                                                             with_topk.teacher_topk):
-        assert teacher == pytest.approx(ref_teacher, abs=1e-6)
+    assert m["hindsight/gap_mean"] == pytest.approx(with_topk.metrics["hindsight/gap_mean"], abs=1e-6)
+    for row, mapped, sampled in zip(rows, with_topk.rows, result.rows):
+        assert torch.equal(mapped.hindsight_mask, sampled.hindsight_mask)
+        assert torch.allclose(mapped.sampled_log_probs, sampled.sampled_log_probs, atol=1e-6)
+        lps, ids = response_aligned(mapped, row.prompt_ids, row.response_ids)
         assert ids.shape == lps.shape == (len(row.response_ids), k)
-        for i, keep in enumerate(mask):
+        read_back = sampled_log_probs(mapped.teacher_ids, mapped.teacher_logprobs, len(row.prompt_ids),
+                                      row.response_ids)
+        for i, keep in enumerate(mapped.hindsight_mask.tolist()):
             if not keep:
                 assert not ids[i].any() and not lps[i].any()
                 continue
-            assert torch.all(lps[i][:-1] >= lps[i][1:]) and lps[i][0] >= teacher[i] - 1e-5  # sorted, top-1 first
+            teacher = float(sampled.sampled_log_probs[i])
+            assert torch.all(lps[i][:-1] >= lps[i][1:]) and lps[i][0] >= teacher - 1e-5  # sorted, top-1 first
             hit = (ids[i] == row.response_ids[i]).nonzero()
             if len(hit):  # the student's token among the teacher's top-k: the same forward, the same value
-                assert float(lps[i][hit[0, 0]]) == pytest.approx(teacher[i], abs=1e-5)
+                assert float(lps[i][hit[0, 0]]) == pytest.approx(teacher, abs=1e-5)
+                assert float(read_back[i]) == pytest.approx(teacher, abs=1e-5)
+            else:
+                assert torch.isnan(read_back[i])
 
 
 def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
@@ -264,7 +289,7 @@ def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
     for _, _, a, b in turns:
         action_mask[a:b] = [1] * (b - a)
     ends = [t[1] for t in turns[1:]] + [len(response)]
-    records = [_record(k, s, a, b, e, "wrong key" if k == 1 else None) for (k, s, a, b), e in zip(turns, ends)]
+    records = [_record(k, s, e, "wrong key" if k == 1 else None) for (k, s, a, b), e in zip(turns, ends)]
     row = Row(uid="g", prompt_ids=prompt, response_ids=response, action_mask=action_mask, response_mask=response_mask,
               extra_fields={"hs_turns": records, "hs_env": {"success": False, "return": 0.0}},
               old_log_probs=[0.0] * len(response))
@@ -273,10 +298,10 @@ def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
                        teacher_config=TeacherConfig(), renderer=renderer, scorer=scorer)
     k, start, _, _ = turns[1]
     ref = reference_teacher(tok, model, prompt, response, [((k, start, start, message_end[1]), "wrong key")], False)
-    mask = result.hindsight_mask[0]
-    assert {i for i, m in enumerate(mask) if m} == set(range(start, message_end[1])) == set(ref)
+    mapped = result.rows[0]
+    assert set(mapped.hindsight_mask.nonzero().flatten().tolist()) == set(range(start, message_end[1])) == set(ref)
     for i in ref:
-        assert result.teacher_log_probs[0][i] == pytest.approx(ref[i], abs=1e-5)
+        assert float(mapped.sampled_log_probs[i]) == pytest.approx(ref[i], abs=1e-5)
     with pytest.raises(ValueError, match="response_mask"):
         run_stage([Row(**{**row.__dict__, "response_mask": None})], feedback_config=FeedbackConfig(source="error"),
                   target_config=TargetConfig(turns="with_feedback", trajectories="failed", span="message"),

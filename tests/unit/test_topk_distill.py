@@ -12,9 +12,6 @@ from verl_hindsight.algo.divergences import k3
 from verl_hindsight.algo.loss import DistillConfig, hindsight_ppo_loss
 from verl_hindsight.algo.topk_distill import (
     STUDENT_KL_KEY,
-    TEACHER_TOPK_IDS,
-    TEACHER_TOPK_LOG_PROBS,
-    packed_from_response,
     stack_topk,
     student_topk_tail_kl,
     teacher_topk_outputs,
@@ -27,37 +24,30 @@ def _nested(rows, dtype=None):
     return torch.nested.as_nested_tensor([torch.as_tensor(r, dtype=dtype) for r in rows], layout=torch.jagged)
 
 
-def test_packed_layout_is_the_inverse_of_verls_response_slicing():
-    gen = torch.Generator().manual_seed(0)
-    prompt_lens, response_lens = torch.tensor([3, 1, 4]), torch.tensor([2, 5, 1])
-    per_row = [torch.randn(int(r), K, generator=gen) for r in response_lens]
-    packed = packed_from_response(per_row, prompt_lens, response_lens)
-    assert packed.shape == (int((prompt_lens + response_lens).sum()), K)
-    data = TensorDict({"prompts": _nested([[1] * int(p) for p in prompt_lens]),
-                       "responses": _nested([[2] * int(r) for r in response_lens])}, batch_size=3)
-    back = no_padding_2_padding(packed, data)  # verl's own slicing of model outputs onto the response
-    for b, rows in enumerate(per_row):
-        assert torch.equal(back[b, :rows.shape[0]], rows)
-    # everything that is not a response prediction is the fill value
-    assert int((packed != 0).any(-1).sum()) == int(response_lens.sum())
+def _verl_layout(prompt_len, response_rows):
+    """Response-aligned (resp_len, K) -> verl's (prompt_len + resp_len, K): response token j is described by row
+    prompt_len - 1 + j (the position whose logits predict it)."""
+    full = torch.zeros((prompt_len + len(response_rows), *response_rows.shape[1:]), dtype=response_rows.dtype)
+    for j in range(len(response_rows)):
+        full[prompt_len - 1 + j] = response_rows[j]
+    return full
 
 
 def _batch(prompt_lens, teacher_rows, mask_rows):
-    """A micro-batch as the actor sees it: jagged prompts/responses and response-aligned teacher columns."""
+    """A micro-batch as the actor sees it: jagged prompts/responses, the teacher's top-k in verl's layout."""
     data = TensorDict({
         "prompts": _nested([[1] * p for p in prompt_lens], torch.int64),
         "responses": _nested([[2] * len(m) for m in mask_rows], torch.int64),
         "response_mask": _nested([[1] * len(m) for m in mask_rows], torch.int64),
         "old_log_probs": _nested([[0.0] * len(m) for m in mask_rows], torch.float32),
         "advantages": _nested([[0.0] * len(m) for m in mask_rows], torch.float32),
-        "teacher_log_probs": _nested([[0.0] * len(m) for m in mask_rows], torch.float32),
         "hindsight_mask": _nested(mask_rows, torch.int64),
-        TEACHER_TOPK_IDS: _nested([ids for ids, _ in teacher_rows], torch.int64),
-        TEACHER_TOPK_LOG_PROBS: _nested([lps for _, lps in teacher_rows], torch.float32),
+        "teacher_ids": _nested([_verl_layout(p, ids) for p, (ids, _) in zip(prompt_lens, teacher_rows)], torch.int64),
+        "teacher_logprobs": _nested([_verl_layout(p, lps) for p, (_, lps) in zip(prompt_lens, teacher_rows)],
+                                    torch.float32),
     }, batch_size=len(mask_rows))
-    n_targets = sum(map(sum, mask_rows))
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=sum(map(len, mask_rows)), global_batch_size=len(mask_rows),
-                         hs_num_targets=n_targets, hs_num_rows=len(mask_rows), hs_global_step=0)
+                         hindsight_num_targets=sum(map(sum, mask_rows)), hs_global_step=0)
     return data
 
 

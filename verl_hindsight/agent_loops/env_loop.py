@@ -88,7 +88,10 @@ def turn_record(index: int, response_span: tuple[int, int], action_span: Optiona
     return {
         "turn": index,
         "response_span": list(response_span),  # [start, end) response positions of the whole assistant message
-        "action_span": list(action_span) if action_span else None,  # [start, end) of the action's tokens
+        # [start, end) of the action's tokens: _build_output turns it into the row's action_mask (the one record
+        # of which tokens are the action) and drops it, keeping has_action (false if the length limit cut it off)
+        "action_span": list(action_span) if action_span else None,
+        "has_action": action_span is not None,
         "action": action.display if action.display is not None else action.payload,
         "parse_error": action.error,
         "flags": sorted(action.flags),
@@ -342,10 +345,10 @@ class EnvAgentLoopBase(AgentLoopBase):
                 if span is not None and span[1] > limit:  # cut by the response length limit
                     t[key] = [min(span[0], limit), limit]
                     t["flags"] = sorted(set(t["flags"]) | {"clipped"})
-            if t["action_span"] is not None:
-                a, b = t["action_span"]
-                for i in range(a, b):
-                    action_mask[i] = int(response_mask[i] == 1)
+            a, b = t.pop("action_span") or (0, 0)
+            for i in range(a, b):
+                action_mask[i] = int(response_mask[i] == 1)
+            t["has_action"] = any(action_mask[a:b])
         reward = 0.0 if summary["failure"] else float(summary["return"])
         extra = {"hs_turns": turns, "hs_env": dict(summary), "hs_last_row": last_row, "min_global_steps": min_steps,
                  "max_global_steps": max_steps, "turn_scores": [], "tool_rewards": [],

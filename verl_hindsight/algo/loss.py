@@ -2,14 +2,14 @@
 
 Installed by the hindsight trainer through verl's ``set_loss_fn`` (no patching): the worker calls
 ``loss_fn(model_output=..., data=micro_batch, dp_group=...)`` and the micro-batch carries every TransferQueue field
-of its rows, including the stage's ``teacher_log_probs`` and ``hindsight_mask``.
+of its rows, including the stage's ``teacher_logprobs`` (verl's distillation layout) and ``hindsight_mask``.
 
 Normalization: the divergence is a mean over *targeted* tokens, not over all response tokens, so its size does not
 shrink when a batch holds more untargeted tokens (HINT-SD's token-mean over selected spans). Each micro-batch
 contributes ``sum(D * mask) / N * dp_size`` (verl's convention: micro-batch losses are summed, data-parallel
-gradients averaged), where ``N`` is the number of targeted tokens of the training batch, counted by the trainer
-over all rows and ranks and passed as ``hs_num_targets``. With several PPO mini-batches per step, ``N`` is scaled
-by the mini-batch's share of the batch's rows (the exact count per mini-batch is only known inside verl's engine).
+gradients averaged), where ``N`` is the number of targeted tokens of the PPO mini-batch over all data-parallel
+ranks: ``hindsight_num_targets``, counted by :func:`targeted_tokens` where verl counts its own ``batch_num_tokens``
+(once per mini-batch, before the micro-batch split; the hindsight worker's training worker does it).
 """
 
 from __future__ import annotations
@@ -34,13 +34,26 @@ from verl_hindsight.algo.topk_distill import (
 assert set(DIVERGENCES) == {*SAMPLED_DIVERGENCES, "topk_tail"}
 
 
-def masked_target_mean(divergence: torch.Tensor, mask: torch.Tensor, num_targets: float, dp_size: int = 1,
-                       share: float = 1.0) -> torch.Tensor:
-    """This micro-batch's contribution to the global mean over targeted tokens (see module doc)."""
+NUM_TARGETS_KEY = "hindsight_num_targets"  # non-tensor field of a mini-batch (and its micro-batches)
+
+
+def targeted_tokens(data) -> torch.Tensor:
+    """Targeted tokens of ``data``'s rows (``hindsight_mask`` and ``response_mask`` both 1), a 0-d int64 tensor;
+    jagged or padded columns."""
+    def flat(name: str) -> torch.Tensor:
+        value = data[name]
+        return (value.values() if value.is_nested else value).bool()
+
+    return (flat("hindsight_mask") & flat("response_mask")).sum()
+
+
+def masked_target_mean(divergence: torch.Tensor, mask: torch.Tensor, num_targets: float,
+                       dp_size: int = 1) -> torch.Tensor:
+    """This micro-batch's contribution to the mini-batch's mean over targeted tokens (see module doc)."""
     total = (divergence * mask.to(divergence.dtype)).sum()
     if num_targets <= 0:
-        return total * 0.0  # keeps the graph connected; nothing targeted in this batch
-    return total / (float(num_targets) * share) * dp_size
+        return total * 0.0  # keeps the graph connected; nothing targeted in this mini-batch
+    return total / float(num_targets) * dp_size
 
 
 def hindsight_ppo_loss(config, model_output=None, data=None, dp_group=None, student_logits=None, *,
@@ -58,17 +71,20 @@ def hindsight_ppo_loss(config, model_output=None, data=None, dp_group=None, stud
     loss = pg_loss if distill.policy_gradient else pg_loss * 0.0
     if not distill.enabled:
         return loss, metrics
-    if "teacher_log_probs" not in data.keys() or "hindsight_mask" not in data.keys():
-        raise RuntimeError("hindsight.distill.coef > 0 but the batch has no teacher_log_probs/hindsight_mask: the "
+    if "teacher_logprobs" not in data.keys() or "hindsight_mask" not in data.keys():
+        raise RuntimeError("hindsight.distill.coef > 0 but the batch has no teacher_logprobs/hindsight_mask: the "
                            "hindsight stage did not run; use trainer.v1.trainer_mode=hindsight with "
                            "hindsight.enable=true")
+    num_targets = tu.get_non_tensor_data(data, NUM_TARGETS_KEY, None)
+    if num_targets is None:
+        raise RuntimeError(f"the micro-batch has no {NUM_TARGETS_KEY}: the actor's training worker is not the "
+                           "hindsight one (trainer.v1.trainer_mode=hindsight selects it)")
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    fields = data.select("teacher_log_probs", "hindsight_mask", "response_mask").to_padded_tensor()
+    fields = data.select("hindsight_mask", "response_mask").to_padded_tensor()
     mask = fields["hindsight_mask"].bool() & fields["response_mask"].bool()
-    teacher = fields["teacher_log_probs"]
-    if teacher.shape != log_prob.shape:
-        raise RuntimeError(f"teacher_log_probs {tuple(teacher.shape)} and student log-probs {tuple(log_prob.shape)} "
-                           "are not aligned; the hindsight stage wrote a wrong layout")
+    if mask.shape != log_prob.shape:
+        raise RuntimeError(f"hindsight_mask {tuple(mask.shape)} and student log-probs {tuple(log_prob.shape)} are not "
+                           "aligned; the hindsight stage wrote a wrong layout")
     if distill.divergence == "topk_tail":
         if STUDENT_KL_KEY not in model_output:
             raise RuntimeError("hindsight.distill.divergence=topk_tail but the engine did not run the top-k hook "
@@ -81,15 +97,13 @@ def hindsight_ppo_loss(config, model_output=None, data=None, dp_group=None, stud
             metrics[f"hindsight/{name}"] = Metric(value=(mass * mask).sum() / mask.sum().clamp_min(1),
                                                   aggregation=AggregationType.MEAN)
     else:
+        # the teacher's log-prob of each sampled token, response-aligned, read as verl's own distillation loss does
+        teacher = no_padding_2_padding(data["teacher_logprobs"], data)[..., 0]
         divergence = sampled_divergence(distill.divergence, log_prob, teacher, distill.jsd_beta)
 
     step = int(tu.get_non_tensor_data(data, "hs_global_step", 0) or 0)
-    num_targets = float(tu.get_non_tensor_data(data, "hs_num_targets", 0) or 0)
-    num_rows = float(tu.get_non_tensor_data(data, "hs_num_rows", 0) or 0)
-    mini_rows = tu.get_non_tensor_data(data, "global_batch_size", None)
-    share = min(1.0, float(mini_rows) / num_rows) if mini_rows and num_rows else 1.0
     dp_size = int(tu.get_non_tensor_data(data, "dp_size", 1) or 1)
-    term = masked_target_mean(divergence, mask, num_targets, dp_size, share)
+    term = masked_target_mean(divergence, mask, float(num_targets), dp_size)
     coef = distill.coef_at(step)
     loss = loss + coef * term
     metrics["hindsight/distill_loss"] = Metric(value=term.detach(), aggregation=AggregationType.SUM)

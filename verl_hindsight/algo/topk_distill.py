@@ -29,8 +29,10 @@ Not taken from verl 0.9.1 (``verl/trainer/distillation/fsdp/losses.py``), on pur
 - ``_chunked_topk_log_probs`` (private) casts its result back to the logits' dtype (bf16 under mixed
   precision), so the tail bucket ``1 - sum(top-k)`` loses its precision; :func:`_chunked_gather_log_probs` keeps
   fp32;
-- verl has no teacher-side top-k from logits (its teacher top-k comes from a teacher inference server), and no
-  inverse of ``no_padding_2_padding`` (its teacher top-k is written per prompt + response token).
+- verl has no teacher-side top-k from logits (its teacher top-k comes from a teacher inference server).
+
+The teacher's top-k travels in verl's own fields and layout (``teacher_ids`` / ``teacher_logprobs``, one row per
+prompt + response token), so the student hook reads it exactly where verl's top-k loss would.
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ import torch
 
 from verl_hindsight.algo.divergences import topk_tail_reverse_kl
 
-TEACHER_TOPK_IDS = "hs_teacher_topk_ids"  # (rows, response_len, k) int64, TransferQueue field
-TEACHER_TOPK_LOG_PROBS = "hs_teacher_topk_log_probs"  # (rows, response_len, k) fp32
 STUDENT_KL_KEY = "hs_topk_tail_kl"  # per-token model_output key written by the student hook
 # per-token probability mass each side puts on the teacher's top-k ids (verl logs the same pair): near 1 for both
 # on confident tokens; a student mass near 0 where the teacher is sure means misaligned positions
@@ -93,34 +93,18 @@ def stack_topk(columns: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lps
 
 
-def packed_from_response(per_row: list[torch.Tensor], prompt_lens: torch.Tensor, response_lens: torch.Tensor,
-                         fill: float = 0.0) -> torch.Tensor:
-    """Response-aligned per-row values (resp_len_b, k) -> packed full-sequence layout (total_nnz, k).
-
-    The inverse of verl's ``no_padding_2_padding`` slicing: row b's response token j sits at packed position
-    ``offset_b + prompt_len_b - 1 + j``; prompt positions and each row's last position get ``fill``.
-    """
-    k = per_row[0].shape[-1]
-    total = int((prompt_lens + response_lens).sum())
-    out = torch.full((total, k), fill, dtype=per_row[0].dtype, device=per_row[0].device)
-    offset = 0
-    for values, p, r in zip(per_row, prompt_lens.tolist(), response_lens.tolist()):
-        if values.shape[0] < r:
-            raise RuntimeError(f"teacher top-k has {values.shape[0]} response positions, the row has {r}")
-        out[offset + p - 1: offset + p - 1 + r] = values[:r]
-        offset += p + r
-    return out
-
-
 def student_topk_tail_kl(student_logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
-    """The student hook: per packed token, reverse KL over the teacher's top-k + tail (0 where no teacher)."""
-    if TEACHER_TOPK_IDS not in data.keys() or TEACHER_TOPK_LOG_PROBS not in data.keys():
-        raise RuntimeError(f"hindsight.distill.divergence=topk_tail but the batch has no {TEACHER_TOPK_IDS}: the "
-                           "hindsight stage did not compute the teacher's top-k (trainer.v1.trainer_mode=hindsight)")
-    prompts, responses = data["prompts"], data["responses"]
-    prompt_lens, response_lens = prompts.offsets().diff(), responses.offsets().diff()
-    ids = packed_from_response(list(data[TEACHER_TOPK_IDS].unbind(0)), prompt_lens, response_lens, fill=0)
-    lps = packed_from_response(list(data[TEACHER_TOPK_LOG_PROBS].unbind(0)), prompt_lens, response_lens, fill=0.0)
+    """The student hook: per packed token, reverse KL over the teacher's top-k + tail (0 where no teacher).
+
+    ``teacher_ids`` / ``teacher_logprobs`` are in verl's layout (one row per prompt + response token, the row before
+    a token describing it), so their packed values line up with the packed logits as verl's own top-k loss uses them.
+    """
+    if "teacher_ids" not in data.keys() or "teacher_logprobs" not in data.keys():
+        raise RuntimeError("hindsight.distill.divergence=topk_tail but the batch has no teacher_ids/teacher_logprobs: "
+                           "the hindsight stage did not run (trainer.v1.trainer_mode=hindsight)")
+    ids, lps = data["teacher_ids"], data["teacher_logprobs"]
+    ids = (ids.values() if ids.is_nested else ids.reshape(-1, ids.shape[-1])).long()
+    lps = (lps.values() if lps.is_nested else lps.reshape(-1, lps.shape[-1])).float()
     ids, lps = ids.unsqueeze(0).to(student_logits.device), lps.unsqueeze(0).to(student_logits.device)
     from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
 

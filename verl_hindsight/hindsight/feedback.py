@@ -9,7 +9,7 @@ with ``+`` (``"successful_sibling+immediate"``, SERL's best variant).
 group that saw the same raw observation are pooled and each sees every sibling action tried there).
 
 Rules shared by every source:
-- only action turns (``TurnRecord.action_span is not None``) get feedback: nothing else can ever be targeted;
+- only action turns (``TurnRecord.has_action``) get feedback: nothing else can ever be targeted;
 - trajectories whose environment failed (``Trajectory.failure``) neither get feedback nor lend it to siblings,
   because their records cannot be trusted.
 """
@@ -121,7 +121,7 @@ class CombinedSource:
 
 
 def is_action_turn(t: TurnRecord) -> bool:
-    return t.action_span is not None
+    return t.has_action
 
 
 def _live(group: list[Trajectory]) -> list[tuple[int, Trajectory]]:

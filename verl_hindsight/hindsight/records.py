@@ -17,7 +17,8 @@ ANSWER_FIELDS = ("hs_analysis", "hs_reflection")
 class TurnRecord:
     turn: int
     response_span: tuple[int, int]  # [start, end) response positions of the whole assistant message
-    action_span: Optional[tuple[int, int]]  # [start, end) of the action tokens; None when there is no action
+    # whether the message holds action tokens; *which* tokens are the action is the row's ``action_mask``
+    has_action: bool
     action: Optional[str]  # the parsed action (None when malformed)
     observation: str  # what the agent saw before acting
     anchor: str  # raw observation before the action: the anchor-level grouping key
@@ -33,11 +34,10 @@ class TurnRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TurnRecord":
-        span = d.get("action_span")
         return cls(
             turn=int(d["turn"]),
             response_span=tuple(d["response_span"]),
-            action_span=tuple(span) if span else None,
+            has_action=bool(d.get("has_action", False)),
             action=d.get("action"),
             observation=d.get("observation", ""),
             anchor=d.get("anchor") or d.get("observation", ""),

@@ -1,52 +1,68 @@
 """The hindsight stage of one training batch: feedback -> targets -> teacher sequences -> teacher log-probs.
 
 Input: the batch's rows (prompt/response ids, the agent loop's ``action_mask`` and records, the GRPO group
-``uid``, the student's ``old_log_probs``). Output: per row, ``teacher_log_probs`` aligned to the response and a
-``hindsight_mask`` that is 1 only on targeted action tokens, plus ``hindsight/*`` metrics. The teacher itself
-is a *scorer* (see :mod:`.teacher_sequences`): the trainer passes verl's actor or reference log-prob pass.
+``uid``, the student's ``old_log_probs``), as 1-D tensors. Output: per row, the teacher's answer in verl's
+distillation layout (``teacher_logprobs`` / ``teacher_ids``, see :mod:`.teacher_sequences`) and a
+``hindsight_mask`` that is 1 only on targeted action tokens, plus ``hindsight/*`` metrics. The teacher itself is
+a *scorer*: the trainer passes verl's actor or reference log-prob pass.
+
+Which tokens of a targeted turn are scored comes from one source, the agent loop's token-level ``action_mask``
+(or, with ``targets.span=message``, the ``response_mask``) inside the turn's message; the per-turn records say only
+where each message starts and ends and whether it holds an action.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+import torch
 
 from verl_hindsight.config import TeacherConfig
 from verl_hindsight.hindsight.records import Trajectory
 from verl_hindsight.hindsight.teacher_sequences import (
     FeedbackRenderer,
-    TargetTurn,
+    MappedRow,
     Scorer,
+    TargetTurn,
     TopKScorer,
-    empty_topk,
+    empty_row,
     map_back,
-    map_back_topk,
     plan_teacher_sequences,
 )
+
+
+def _tensor(values, dtype) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=dtype)
+
 
 @dataclass
 class Row:
     uid: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    action_mask: list[int]
+    prompt_ids: torch.Tensor  # (prompt_len,) int64
+    response_ids: torch.Tensor  # (response_len,) int64
+    action_mask: torch.Tensor  # (response_len,) 1 on action tokens
     extra_fields: dict[str, Any]
-    old_log_probs: list[float]
+    old_log_probs: torch.Tensor  # (response_len,) the student's log-probs of its tokens
     is_padding: bool = False
-    response_mask: Optional[list[int]] = None  # 1 on generated tokens; needed by targets.span=message
+    response_mask: Optional[torch.Tensor] = None  # 1 on generated tokens; needed by targets.span=message
+
+    def __post_init__(self):
+        self.prompt_ids = _tensor(self.prompt_ids, torch.long)
+        self.response_ids = _tensor(self.response_ids, torch.long)
+        self.action_mask = _tensor(self.action_mask, torch.long)
+        self.old_log_probs = _tensor(self.old_log_probs, torch.float32)
+        if self.response_mask is not None:
+            self.response_mask = _tensor(self.response_mask, torch.long)
 
 
 @dataclass
 class StageResult:
-    teacher_log_probs: list[list[float]]
-    hindsight_mask: list[list[int]]
+    rows: list[MappedRow]  # per input row (zeros where nothing is targeted)
     metrics: dict[str, float] = field(default_factory=dict)
     # (row index, turn) -> the feedback text the teacher saw there (targeted turns only)
     inserted_feedback: dict[tuple[int, int], str] = field(default_factory=dict)
-    # with a top-k scorer: per row, the teacher's top-k (ids, log-probs), each (response_len, k), zeros elsewhere
-    teacher_topk: Optional[list[tuple[Any, Any]]] = None
 
 
 def analyzer_picks_of(trajectories: list[Trajectory]) -> dict[int, list[int]]:
@@ -59,17 +75,21 @@ def analyzer_picks_of(trajectories: list[Trajectory]) -> dict[int, list[int]]:
     return picks
 
 
-def _scored_span(row: Row, turn, span: str) -> tuple[int, int]:
-    """Response positions [start, end) scored in a targeted turn: its action tokens, or its whole generated
-    message (the generated run that starts the turn: observation tokens after it have response_mask 0)."""
+def _scored_span(row: Row, turn, span: str) -> Optional[tuple[int, int]]:
+    """Response positions [start, end) scored in a targeted turn: from the first to the last action token inside
+    its message, or (``span=message``) its whole generated run (observation tokens after it have response_mask 0).
+    None when the message holds no action token."""
+    start, end = turn.response_span
+    actions = torch.nonzero(row.action_mask[start:end]).flatten()
+    if len(actions) == 0:
+        return None
     if span == "action":
-        return turn.action_span[0], turn.action_span[1]
+        return start + int(actions[0]), start + int(actions[-1]) + 1
     if row.response_mask is None:
         raise ValueError("hindsight.targets.span=message needs each row's response_mask (the trainer passes it)")
-    start = end = turn.response_span[0]
-    while end < len(row.response_mask) and row.response_mask[end]:
-        end += 1
-    return start, max(end, turn.action_span[1])
+    off = torch.nonzero(row.response_mask[start:] == 0).flatten()
+    run_end = start + (int(off[0]) if len(off) else len(row.response_mask) - start)
+    return start, max(run_end, start + int(actions[-1]) + 1)
 
 
 @dataclass
@@ -85,14 +105,14 @@ class StagePlan:
     metrics: dict[str, float]
 
     @property
-    def sequences(self) -> list[list[int]]:
+    def sequences(self) -> list[torch.Tensor]:
         return [s.token_ids for p in self.plans.values() for s in p.sequences]
 
 
 @dataclass
 class TeacherScores:
-    log_probs: list[list[float]]  # per teacher sequence, the log-prob of each next token
-    topk: Optional[list] = None  # per teacher sequence, TopKScores (top-k scorer only)
+    per_sequence: list  # per teacher sequence: (n-1,) log-probs, or TopKScores from a top-k scorer
+    k: int = 1  # columns of the teacher's answer (1: the sampled token; else the top-k width)
     seconds: float = 0.0
 
 
@@ -118,9 +138,9 @@ def plan_stage(rows: list[Row], *, feedback_config, target_config, teacher_confi
         row = rows[live[local]]
         by_turn = {t.turn: t for t in trajectories[local].turns}
         first = min(by_turn)
+        spans = {t: _scored_span(row, by_turn[t], target_config.span) for t in turn_ids}
         picked = [TargetTurn(t, by_turn[first if teacher_config.insert_at == "episode_start" else t].response_span[0],
-                             *_scored_span(row, by_turn[t], target_config.span), feedback.get((local, t), ""))
-                  for t in turn_ids if by_turn[t].action_span]
+                             *spans[t], feedback.get((local, t), "")) for t in turn_ids if spans[t] is not None]
         if not picked:
             continue
         plan = plan_teacher_sequences(row.prompt_ids, row.response_ids, picked, renderer, mode=teacher_config.mode,
@@ -134,45 +154,39 @@ def plan_stage(rows: list[Row], *, feedback_config, target_config, teacher_confi
     return StagePlan(live, trajectories, plans, inserted, skipped, student_tokens, metrics)
 
 
-def score_teacher(plan: StagePlan, *, scorer: Optional[Scorer] = None,
-                  topk_scorer: Optional[TopKScorer] = None) -> TeacherScores:
+def score_teacher(plan: StagePlan, *, scorer: Optional[Scorer] = None, topk_scorer: Optional[TopKScorer] = None,
+                  topk: int = 0) -> TeacherScores:
     """One teacher pass over every sequence of the plan."""
     sequences = plan.sequences
     start = time.perf_counter()
     if topk_scorer is not None:
-        topk_scores = topk_scorer(sequences) if sequences else []
-        return TeacherScores([s.log_probs for s in topk_scores], topk_scores, time.perf_counter() - start)
-    return TeacherScores(scorer(sequences) if sequences else [], None, time.perf_counter() - start)
+        scores = topk_scorer(sequences) if sequences else []
+        return TeacherScores(scores, topk, time.perf_counter() - start)
+    return TeacherScores(scorer(sequences) if sequences else [], 1, time.perf_counter() - start)
 
 
-def map_back_rows(rows: list[Row], plan: StagePlan, scores: TeacherScores, *, span: str, topk: int = 0):
-    """Per row: teacher log-probs aligned to the response, the targeted-token mask, and (top-k scorer) the
-    teacher's top-k; rows the plan does not target get zeros."""
-    teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
-    mask_rows = [[0] * len(r.response_ids) for r in rows]
-    teacher_topk = [empty_topk(len(r.response_ids), topk) for r in rows] if scores.topk is not None else None
+def map_back_rows(rows: list[Row], plan: StagePlan, scores: TeacherScores, *, span: str) -> list[MappedRow]:
+    """Per row, the teacher's answer mapped onto its tokens; rows the plan does not target get zeros."""
+    mapped = [empty_row(len(r.prompt_ids), len(r.response_ids), scores.k) for r in rows]
     cursor = 0
     for index, row_plan in plan.plans.items():
         row = rows[index]
         n = len(row_plan.sequences)
-        scored_mask = row.action_mask if span == "action" else row.response_mask
-        teacher_rows[index], mask_rows[index] = map_back(row_plan, scores.log_probs[cursor:cursor + n],
-                                                         len(row.response_ids), scored_mask)
-        if teacher_topk is not None:
-            teacher_topk[index] = map_back_topk(row_plan, scores.topk[cursor:cursor + n], len(row.response_ids),
-                                                topk, scored_mask)
+        mapped[index] = map_back(row_plan, scores.per_sequence[cursor:cursor + n], row.prompt_ids, row.response_ids,
+                                 row.action_mask if span == "action" else row.response_mask, k=scores.k)
         cursor += n
-    return teacher_rows, mask_rows, teacher_topk
+    return mapped
 
 
-def stage_metrics(rows: list[Row], plan: StagePlan, scores: TeacherScores, teacher_rows, mask_rows,
+def stage_metrics(rows: list[Row], plan: StagePlan, scores: TeacherScores, mapped: list[MappedRow],
                   teacher_config: TeacherConfig) -> dict[str, float]:
     """``hindsight/*`` metrics of one batch's stage."""
     metrics = dict(plan.metrics)
-    targeted_tokens = sum(map(sum, mask_rows))
-    action_tokens = sum(sum(r.action_mask) for r in rows if not r.is_padding)
-    response_tokens = sum(sum(r.response_mask) if r.response_mask is not None else len(r.response_ids)
-                          for r in rows if not r.is_padding)
+    live = [i for i, r in enumerate(rows) if not r.is_padding]
+    targeted_tokens = sum(int(m.hindsight_mask.sum()) for m in mapped)
+    action_tokens = sum(int(rows[i].action_mask.sum()) for i in live)
+    response_tokens = sum(int(rows[i].response_mask.sum()) if rows[i].response_mask is not None
+                          else len(rows[i].response_ids) for i in live)
     forwarded = sum(len(s) for s in plan.sequences)
     metrics.update({
         "hindsight/targeted_trajectories": float(len(plan.plans)),
@@ -188,18 +202,19 @@ def stage_metrics(rows: list[Row], plan: StagePlan, scores: TeacherScores, teach
     })
     for reason, count in plan.skipped.items():
         metrics[f"hindsight/teacher_skipped/{reason}"] = float(count)
-    gaps = [teacher[i] - rows[index].old_log_probs[i] for index in plan.plans
-            for teacher, mask in [(teacher_rows[index], mask_rows[index])] for i, m in enumerate(mask) if m]
-    if gaps:
+    gaps = [(m.sampled_log_probs - rows[i].old_log_probs)[m.hindsight_mask.bool()] for i, m in enumerate(mapped)
+            if i in plan.plans]
+    gaps = torch.cat(gaps) if gaps else torch.zeros(0)
+    if len(gaps):
         # Teacher-student gap on targeted tokens. Falling toward 0 while success stays low means the teacher no
         # longer reads the feedback (teacher collapse).
-        ordered = sorted(gaps)
+        ordered = gaps.double().sort().values
         metrics.update({
-            "hindsight/gap_mean": statistics.fmean(gaps),
-            "hindsight/gap_abs_mean": statistics.fmean(abs(g) for g in gaps),
-            "hindsight/gap_p10": ordered[int(0.1 * (len(ordered) - 1))],
-            "hindsight/gap_p50": ordered[int(0.5 * (len(ordered) - 1))],
-            "hindsight/gap_p90": ordered[int(0.9 * (len(ordered) - 1))],
+            "hindsight/gap_mean": float(gaps.double().mean()),
+            "hindsight/gap_abs_mean": float(gaps.double().abs().mean()),
+            "hindsight/gap_p10": float(ordered[int(0.1 * (len(ordered) - 1))]),
+            "hindsight/gap_p50": float(ordered[int(0.5 * (len(ordered) - 1))]),
+            "hindsight/gap_p90": float(ordered[int(0.9 * (len(ordered) - 1))]),
         })
         successes = [t.success for t in plan.trajectories if not t.failure]
         success = sum(successes) / len(successes) if successes else 0.0
@@ -212,7 +227,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
               renderer: FeedbackRenderer, scorer: Optional[Scorer] = None, judge_fn=None, analyzer_picks=None,
               topk_scorer: Optional[TopKScorer] = None, topk: int = 0) -> StageResult:
     """One batch's stage: plan, score, map back, metrics. ``scorer`` gives sampled-token teacher log-probs;
-    ``topk_scorer`` (with ``topk``) gives those plus the teacher's top-k at every position, for the top-k + tail
+    ``topk_scorer`` (with ``topk``) the teacher's top-k at every position instead, for the top-k + tail
     distillation loss."""
     if (scorer is None) == (topk_scorer is None):
         raise ValueError("run_stage needs exactly one of scorer / topk_scorer")
@@ -221,7 +236,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
     plan = plan_stage(rows, feedback_config=feedback_config, target_config=target_config,
                       teacher_config=teacher_config, renderer=renderer, judge_fn=judge_fn,
                       analyzer_picks=analyzer_picks)
-    scores = score_teacher(plan, scorer=scorer, topk_scorer=topk_scorer)
-    teacher_rows, mask_rows, teacher_topk = map_back_rows(rows, plan, scores, span=target_config.span, topk=topk)
-    metrics = stage_metrics(rows, plan, scores, teacher_rows, mask_rows, teacher_config)
-    return StageResult(teacher_rows, mask_rows, metrics, plan.inserted, teacher_topk)
+    scores = score_teacher(plan, scorer=scorer, topk_scorer=topk_scorer, topk=topk)
+    mapped = map_back_rows(rows, plan, scores, span=target_config.span)
+    metrics = stage_metrics(rows, plan, scores, mapped, teacher_config)
+    return StageResult(mapped, metrics, plan.inserted)

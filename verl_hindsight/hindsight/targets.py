@@ -35,7 +35,7 @@ def select_targets(trajectories: list[Trajectory], feedback: dict[tuple[int, int
     for i, traj in enumerate(trajectories):
         if not eligible(traj, config):
             continue
-        candidates = sorted(t.turn for t in traj.turns if t.action_span is not None)
+        candidates = sorted(t.turn for t in traj.turns if t.has_action)
         if config.turns == "all":
             chosen = candidates
         elif config.turns == "with_feedback":

@@ -18,32 +18,41 @@ Two modes:
 Positions are full-sequence positions (prompt + response). For a student token at position ``i`` in a target
 turn, the teacher scores the same token at ``i + shift``, where ``shift`` adds ``len(F) - len(G)`` for every
 insertion at or before that turn. Teacher log-probs are produced by a *scorer*: a callable mapping token
-sequences to ``log p(x_j | x_<j)`` for j >= 1 — a plain transformers forward (CPU tests), the rollout server's
-prompt-log-prob scoring (vLLM, SGLang and the plugin's ``hf`` backend share that contract), or the actor/ref
-log-prob pass in the trainer.
+sequences (1-D int64 tensors) to ``log p(x_j | x_<j)`` for j >= 1 — a plain transformers forward (CPU tests), the
+rollout server's prompt-log-prob scoring (vLLM, SGLang and the plugin's ``hf`` backend share that contract), or
+the actor/ref log-prob pass in the trainer.
+
+Mapped back, the teacher's answer for a student row is written in verl's distillation layout (the layout verl's
+teacher loop writes and its distillation losses read): ``teacher_logprobs`` and ``teacher_ids``, each
+(prompt_len + response_len, K), where row ``p`` describes the next token after position ``p`` (the token at
+``p + 1``): with a sampled-token scorer K = 1 and the row holds the student's own token and the teacher's
+log-prob of it; with a top-k scorer the teacher's K most likely tokens and their log-probs. verl's
+``no_padding_2_padding`` turns either into response-aligned (bs, response_len, K).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
+
+import torch
 
 from verl_hindsight.config import DEFAULT_FEEDBACK_TEMPLATE
 
 
-Scorer = Callable[[list[list[int]]], list[list[float]]]
+Scorer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass
 class TopKScores:
     """A top-k scorer's answer for one sequence of n tokens (positions j = 1..n-1, like a scorer's)."""
 
-    log_probs: list[float]  # log p(x_j | x_<j)
-    topk_ids: "object"  # (n-1, k) int64 tensor: the k most likely tokens at each position
-    topk_log_probs: "object"  # (n-1, k) fp32 tensor: their log-probs
+    log_probs: torch.Tensor  # (n-1,) fp32: log p(x_j | x_<j)
+    topk_ids: torch.Tensor  # (n-1, k) int64: the k most likely tokens at each position
+    topk_log_probs: torch.Tensor  # (n-1, k) fp32: their log-probs
 
 
-TopKScorer = Callable[[list[list[int]]], list[TopKScores]]
+TopKScorer = Callable[[list[torch.Tensor]], list[TopKScores]]
 
 
 @dataclass(frozen=True)
@@ -59,9 +68,9 @@ class TargetTurn:
 
 @dataclass
 class TeacherSequence:
-    token_ids: list[int]
-    # (student response position, teacher sequence position) for every targeted action token
-    positions: list[tuple[int, int]]
+    token_ids: torch.Tensor  # (n,) int64
+    # (m, 2) int64: (student response position, teacher sequence position) of every scored token
+    positions: torch.Tensor
     turns: list[int]
     truncated_left: int = 0
 
@@ -95,9 +104,13 @@ class FeedbackRenderer:
         return ids
 
 
+def _ids(values) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.long)
+
+
 def plan_teacher_sequences(
-    prompt_ids: Sequence[int],
-    response_ids: Sequence[int],
+    prompt_ids: Union[torch.Tensor, Sequence[int]],
+    response_ids: Union[torch.Tensor, Sequence[int]],
     targets: list[TargetTurn],
     renderer: FeedbackRenderer,
     *,
@@ -110,108 +123,134 @@ def plan_teacher_sequences(
         raise ValueError(f"hindsight.teacher.mode must be 'isolated' or 'cumulative', got {mode!r}")
     if overflow not in ("truncate_left", "skip"):
         raise ValueError(f"hindsight.teacher.overflow must be 'truncate_left' or 'skip', got {overflow!r}")
-    full = list(prompt_ids) + list(response_ids)
+    response_length = len(response_ids)
+    full = torch.cat([_ids(prompt_ids), _ids(response_ids)])
     p0 = len(prompt_ids)
-    gen = renderer.generation_prompt
+    gen = _ids(renderer.generation_prompt)
     plan = SplicePlan()
     valid: list[TargetTurn] = []
     for t in sorted(targets, key=lambda x: x.message_start):
         start = p0 + t.message_start
-        if start < len(gen) or full[start - len(gen):start] != gen:
+        if start < len(gen) or not torch.equal(full[start - len(gen):start], gen):
             plan.skipped.append((t.turn, "no_generation_prompt"))
             continue
-        if not (t.message_start <= t.action_start < t.action_end <= len(response_ids)):
+        if not (t.message_start <= t.action_start < t.action_end <= response_length):
             plan.skipped.append((t.turn, "bad_span"))
             continue
         valid.append(t)
 
     groups = [[t] for t in valid] if mode == "isolated" else ([valid] if valid else [])
     for group in groups:
-        seq: list[int] = []
-        positions: list[tuple[int, int]] = []
-        cursor = 0
+        pieces: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        length = cursor = 0
         for t in group:
             start = p0 + t.message_start
-            seq += full[cursor:start - len(gen)]
-            seq += renderer.feedback_ids(t.feedback)
-            shift = len(seq) - start
-            positions += [(i - p0, i + shift) for i in range(p0 + t.action_start, p0 + t.action_end)]
+            pieces += [full[cursor:start - len(gen)], _ids(renderer.feedback_ids(t.feedback))]
+            length += len(pieces[-2]) + len(pieces[-1])
+            student = torch.arange(t.action_start, t.action_end)
+            positions.append(torch.stack([student, student + p0 + (length - start)], dim=1))
             cursor = start
-        end = p0 + group[-1].action_end
-        seq += full[cursor:end]
-        plan_seq = TeacherSequence(seq, positions, [t.turn for t in group])
+        pieces.append(full[cursor:p0 + group[-1].action_end])
+        seq, scored = torch.cat(pieces), torch.cat(positions)
+        turns = [t.turn for t in group]
         if max_length is not None and len(seq) > max_length:
             excess = len(seq) - max_length
-            first_needed = min(j for _, j in positions) - 1  # the token before the first scored one
+            first_needed = int(scored[:, 1].min()) - 1  # the token before the first scored one
             if overflow == "skip" or excess > first_needed:
-                plan.skipped += [(t.turn, "too_long") for t in group]
+                plan.skipped += [(turn, "too_long") for turn in turns]
                 continue
-            plan_seq = TeacherSequence(seq[excess:], [(i, j - excess) for i, j in positions], plan_seq.turns, excess)
-        plan.sequences.append(plan_seq)
+            plan.sequences.append(TeacherSequence(seq[excess:], scored - torch.tensor([0, excess]), turns, excess))
+        else:
+            plan.sequences.append(TeacherSequence(seq, scored, turns))
     return plan
 
 
-def _scored_positions(plan: SplicePlan, scores: list, response_length: int,
-                      action_mask: Optional[Sequence[int]]):
-    """(sequence score, student response position i, teacher position j) for every token the plan maps back."""
-    for seq, seq_scores in zip(plan.sequences, scores):
-        for i, j in seq.positions:
-            if i >= response_length or (action_mask is not None and not action_mask[i]):
-                continue
-            yield seq_scores, i, j
+@dataclass
+class MappedRow:
+    """One student row's teacher answer: ``teacher_logprobs``/``teacher_ids`` in verl's layout (module doc), the
+    targeted-token mask and the teacher's log-prob of each sampled response token (response-aligned)."""
+
+    teacher_logprobs: torch.Tensor  # (prompt_len + response_len, K) fp32
+    teacher_ids: torch.Tensor  # (prompt_len + response_len, K) int64
+    hindsight_mask: torch.Tensor  # (response_len,) int64, 1 on targeted tokens
+    sampled_log_probs: torch.Tensor  # (response_len,) fp32, 0 where not targeted
 
 
-def map_back(plan: SplicePlan, scores: list[list[float]], response_length: int,
-             action_mask: Optional[Sequence[int]] = None) -> tuple[list[float], list[int]]:
-    """Per-response-token teacher log-probs and the hindsight mask (1 only on scored action tokens).
+def empty_row(prompt_length: int, response_length: int, k: int = 1) -> MappedRow:
+    """A row the teacher does not score: zeros everywhere (the losses and SERL skip it through the mask)."""
+    n = prompt_length + response_length
+    return MappedRow(torch.zeros((n, k)), torch.zeros((n, k), dtype=torch.long),
+                     torch.zeros(response_length, dtype=torch.long), torch.zeros(response_length))
 
-    ``scores[k][j - 1]`` is log p(token j | tokens < j) of sequence k.
+
+def sampled_log_probs(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, prompt_length: int,
+                      response_ids) -> torch.Tensor:
+    """The teacher's log-prob of each response token, read back from verl's layout: (response_len,), NaN where
+    the token is not among the row's K ids (only possible with a top-k teacher)."""
+    response_ids = _ids(response_ids)
+    before = torch.arange(len(response_ids)) + prompt_length - 1
+    ids, lps = teacher_ids[before].long(), teacher_logprobs[before].float()
+    hit = ids.eq(response_ids.unsqueeze(-1))
+    found = (lps * hit).sum(-1)
+    return torch.where(hit.any(-1), found, torch.full_like(found, float("nan")))
+
+
+def map_back(plan: SplicePlan, scores: list, prompt_ids, response_ids,
+             scored_mask: Optional[torch.Tensor] = None, k: int = 1) -> MappedRow:
+    """The teacher's scores of a row's plan, mapped onto the student's tokens.
+
+    ``scores[s]`` answers ``plan.sequences[s]``: a (n-1,) tensor from a scorer (``k`` = 1) or a
+    :class:`TopKScores` from a top-k scorer (``k`` its width). Only positions where ``scored_mask`` (response-
+    aligned; the action mask or the response mask) is 1 are mapped and targeted.
     """
-    for seq, seq_scores in zip(plan.sequences, scores):
-        if len(seq_scores) != len(seq.token_ids) - 1:
-            raise ValueError(f"scorer returned {len(seq_scores)} log-probs for a sequence of {len(seq.token_ids)} tokens")
-    teacher = [0.0] * response_length
-    mask = [0] * response_length
-    for seq_scores, i, j in _scored_positions(plan, scores, response_length, action_mask):
-        teacher[i] = float(seq_scores[j - 1])
-        mask[i] = 1
-    return teacher, mask
-
-
-def empty_topk(response_length: int, k: int):
-    """Top-k columns of a response without teacher: all-zero ids and log-probs (what the student hook skips)."""
-    import torch
-
-    return torch.zeros((response_length, k), dtype=torch.long), torch.zeros((response_length, k), dtype=torch.float32)
-
-
-def map_back_topk(plan: SplicePlan, scores: list[TopKScores], response_length: int, k: int,
-                  action_mask: Optional[Sequence[int]] = None):
-    """Per-response-token teacher top-k (ids, log-probs), each (response_length, k); zeros where not targeted."""
+    p0, response_length = len(prompt_ids), len(response_ids)
+    row = empty_row(p0, response_length, k)
+    response_ids = _ids(response_ids)
     for seq, scored in zip(plan.sequences, scores):
-        if tuple(scored.topk_ids.shape) != (len(seq.token_ids) - 1, k):
+        sampled = scored.log_probs if isinstance(scored, TopKScores) else scored
+        if len(sampled) != len(seq.token_ids) - 1:
+            raise ValueError(f"scorer returned {len(sampled)} log-probs for a sequence of {len(seq.token_ids)} "
+                             "tokens")
+        if isinstance(scored, TopKScores) and tuple(scored.topk_ids.shape) != (len(seq.token_ids) - 1, k):
             raise ValueError(f"top-k scorer returned {tuple(scored.topk_ids.shape)} for a sequence of "
                              f"{len(seq.token_ids)} tokens with k={k}")
-    ids, lps = empty_topk(response_length, k)
-    for scored, i, j in _scored_positions(plan, scores, response_length, action_mask):
-        ids[i] = scored.topk_ids[j - 1]
-        lps[i] = scored.topk_log_probs[j - 1]
-    return ids, lps
+        student, teacher = seq.positions[:, 0], seq.positions[:, 1]
+        keep = student < response_length
+        if scored_mask is not None:
+            keep &= torch.as_tensor(scored_mask)[student.clamp_max(response_length - 1)].bool()
+        student, teacher = student[keep], teacher[keep]
+        before = p0 + student - 1  # verl's layout: the row before a token describes it
+        row.hindsight_mask[student] = 1
+        row.sampled_log_probs[student] = sampled[teacher - 1].float().cpu()
+        if isinstance(scored, TopKScores):
+            row.teacher_ids[before] = scored.topk_ids[teacher - 1].long().cpu()
+            row.teacher_logprobs[before] = scored.topk_log_probs[teacher - 1].float().cpu()
+        else:
+            row.teacher_ids[before, 0] = response_ids[student]
+            row.teacher_logprobs[before, 0] = row.sampled_log_probs[student]
+    return row
+
+
+def _forward_log_softmax(model, seq: torch.Tensor) -> torch.Tensor:
+    ids = _ids(seq).unsqueeze(0).to(next(model.parameters()).device)
+    return model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+
+
+def _sampled(logp: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, _ids(seq)[1:].to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
 
 
 def transformers_topk_scorer(model, k: int) -> TopKScorer:
     """Top-k scores with a plain transformers forward (the reference the worker pass is tested against)."""
-    import torch
 
     @torch.no_grad()
-    def score(sequences: list[list[int]]) -> list[TopKScores]:
+    def score(sequences: list[torch.Tensor]) -> list[TopKScores]:
         out = []
         for seq in sequences:
-            ids = torch.tensor([seq], device=next(model.parameters()).device)
-            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            logp = _forward_log_softmax(model, seq)
             top_lp, top_ids = logp.topk(k, dim=-1)
-            out.append(TopKScores(logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist(), top_ids.cpu(),
-                                  top_lp.cpu()))
+            out.append(TopKScores(_sampled(logp, seq), top_ids.cpu(), top_lp.cpu()))
         return out
 
     return score
@@ -219,21 +258,15 @@ def transformers_topk_scorer(model, k: int) -> TopKScorer:
 
 def transformers_scorer(model) -> Scorer:
     """Score sequences with a plain transformers forward (one at a time; CPU tests and small runs)."""
-    import torch
 
     @torch.no_grad()
-    def score(sequences: list[list[int]]) -> list[list[float]]:
-        out = []
-        for seq in sequences:
-            ids = torch.tensor([seq], device=next(model.parameters()).device)
-            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            out.append(logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist())
-        return out
+    def score(sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_sampled(_forward_log_softmax(model, seq), seq) for seq in sequences]
 
     return score
 
 
-async def score_with_rollout_server(generate, sequences: list[list[int]], request_prefix: str = "teacher") -> list[list[float]]:
+async def score_with_rollout_server(generate, sequences: list, request_prefix: str = "teacher") -> list[torch.Tensor]:
     """Score through any verl rollout server's prompt-log-prob contract (vLLM, SGLang, hf).
 
     ``generate`` is ``server_manager.generate``; the server returns ``extra_fields["prompt_logprobs"]`` with one row
@@ -241,14 +274,15 @@ async def score_with_rollout_server(generate, sequences: list[list[int]], reques
     """
     import asyncio
 
-    async def one(k: int, seq: list[int]) -> list[float]:
+    async def one(k: int, seq) -> torch.Tensor:
+        seq = _ids(seq).tolist()  # the servers take token ids as a list
         out = await generate(request_id=f"{request_prefix}-{k}", prompt_ids=seq,
                              sampling_params={"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0})
         rows = out.extra_fields.get("prompt_logprobs")
         if rows is None or len(rows) != len(seq):
             raise ValueError("rollout server did not return prompt log-probs for every position; it must support "
                              "sampling_params.prompt_logprobs (vLLM, SGLang, hf)")
-        return [float(r[0]) for r in rows[:-1]]
+        return torch.tensor([float(r[0]) for r in rows[:-1]])
 
     return list(await asyncio.gather(*(one(k, s) for k, s in enumerate(sequences))))
 

@@ -11,8 +11,8 @@ weights are final::
      "tokens": [{"text": "<", "action": 1, "targeted": 0, "advantage": 0.41, "old_lp": -1.2,
                  "teacher_lp": null, "gap": null, "serl_weight": null, "kl": null}, ...]}
 
-``teacher_lp``/``gap``/``kl`` (the k3 reverse-KL estimate) are set on targeted tokens; ``serl_weight`` too when the
-estimator is SERL (the factor (1 - l) + l * w applied to the advantage).
+``teacher_lp``/``gap``/``kl`` (the k3 reverse-KL estimate) are set on targeted tokens (with a top-k teacher, on
+those whose token is among the teacher's k); ``serl_weight`` on targeted tokens when the estimator is SERL (the factor (1 - l) + l * w applied to the advantage).
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ def token_records(tokenizer, response_ids, action_mask, hindsight_mask, old_lp, 
     out = []
     for i, tok in enumerate(response_ids):
         targeted = bool(hindsight_mask[i]) if i < len(hindsight_mask) else False
-        gap = teacher_lp[i] - old_lp[i] if targeted else None
+        # NaN: the token is outside a top-k teacher's k ids
+        known = targeted and not math.isnan(teacher_lp[i])
+        gap = teacher_lp[i] - old_lp[i] if known else None
         out.append({
             "text": tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False),
             "action": int(action_mask[i]) if i < len(action_mask) else 0,
             "targeted": int(targeted),
             "advantage": float(advantages[i]) if i < len(advantages) else 0.0,
             "old_lp": float(old_lp[i]),
-            "teacher_lp": float(teacher_lp[i]) if targeted else None,
+            "teacher_lp": float(teacher_lp[i]) if known else None,
             "gap": float(gap) if gap is not None else None,
             "serl_weight": float(serl_factor[i]) if (serl_factor is not None and targeted) else None,
             "kl": float(math.exp(max(-20.0, min(20.0, gap))) - gap - 1.0) if gap is not None else None,
@@ -73,6 +75,7 @@ def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, exp
 
     ``serl_factor``: (bs, response_length) factor SERL applied to the advantage; ``feedback``: (row, turn) -> text
     the teacher saw."""
+    from verl_hindsight.hindsight.teacher_sequences import sampled_log_probs
     from verl_hindsight.trainer import batch_io as io
 
     rows = [i for i, pad in enumerate(io.is_padding(batch)) if not pad][:max_rows]
@@ -80,7 +83,7 @@ def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, exp
         return
     fields = ["prompts", "responses", "action_mask", "old_log_probs", "advantages", "extra_fields", "uid"]
     if with_stage:
-        fields += ["teacher_log_probs", "hindsight_mask"]
+        fields += ["teacher_ids", "teacher_logprobs", "hindsight_mask"]
     data = io.get(batch, fields, keys=[batch.keys[i] for i in rows])
     extra, uids = io.objects(data, "extra_fields"), io.objects(data, "uid")
     feedback = feedback or {}
@@ -90,12 +93,14 @@ def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, exp
         response = columns["responses"][k].tolist()
         n = len(response)
         hmask = columns["hindsight_mask"][k].tolist() if with_stage else [0] * n
-        teacher = columns["teacher_log_probs"][k].float().tolist() if with_stage else [0.0] * n
+        prompt_ids = columns["prompts"][k]
+        teacher = (sampled_log_probs(columns["teacher_ids"][k], columns["teacher_logprobs"][k], len(prompt_ids),
+                                     columns["responses"][k]).tolist() if with_stage else [0.0] * n)
         tokens = token_records(tokenizer, response, columns["action_mask"][k].tolist(), hmask,
                                columns["old_log_probs"][k].float().tolist(), teacher,
                                columns["advantages"][k].float().tolist(),
                                serl_factor[row, :n].tolist() if serl_factor is not None else None)
-        prompt = tokenizer.decode(columns["prompts"][k].tolist(), skip_special_tokens=False)
+        prompt = tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=False)
         turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
         records.append(trajectory_record(step, experiment, str(uids[k]), extra[k] if isinstance(extra[k], dict) else {},
                                          prompt, tokens, turn_feedback))

@@ -6,8 +6,10 @@ The data flow of one step, with what this class adds in brackets::
     rollout -> reward -> old log-probs [-> hindsight stage: feedback, targets, teacher log-probs]
             -> ref -> advantage [SERL reweighting] -> actor update [distillation term; EMA/lagged teacher update]
 
-- the hindsight stage (``hindsight.enable``, :mod:`verl_hindsight.hindsight.stage`) writes ``teacher_log_probs``
-  (fp32) and ``hindsight_mask`` next to ``old_log_probs`` in TransferQueue, and logs ``hindsight/*`` metrics;
+- the hindsight stage (``hindsight.enable``, :mod:`verl_hindsight.hindsight.stage`) writes the teacher's answer
+  under verl's distillation names and layout (``teacher_logprobs`` / ``teacher_ids``: one row per prompt + response
+  token, K columns) and ``hindsight_mask`` (response-aligned) next to ``old_log_probs`` in TransferQueue, and logs
+  ``hindsight/*`` metrics;
 - ``algorithm.adv_estimator=serl``: verl's advantage step run with ``algorithm.serl.base_estimator`` (KL in
   reward, rollout correction and the multi-row GRPO broadcast untouched), then the estimator verl's registry
   returns for ``serl`` (:func:`verl_hindsight.algo.serl.compute_serl_advantage`) reweights it on hindsight tokens;
@@ -83,8 +85,6 @@ class HindsightTrainer(PPOTrainerSync):
         if str(config.algorithm.adv_estimator) == "serl":
             self.serl = load_serl_config(config.algorithm)
         self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, _kl_to_reference(config))
-        self._hs_num_targets = 0
-        self._hs_num_rows = 0
         super().__init__(config)
 
     # ------------------------------------------------------------------ construction
@@ -176,18 +176,16 @@ class HindsightTrainer(PPOTrainerSync):
         return self._hs_renderer
 
     def _hindsight_stage(self, batch) -> dict[str, float]:
-        import torch
-
         from verl_hindsight.agent_loops.hindsight_answers import answer_metrics
         from verl_hindsight.hindsight.stage import Row, run_stage
+        from verl_hindsight.hindsight.teacher_sequences import empty_row
 
         fields = ["prompts", "responses", "response_mask", "action_mask", "old_log_probs", "extra_fields", "uid"]
         data = io.get(batch, fields)
         extra, uids, padding = io.objects(data, "extra_fields"), io.objects(data, "uid"), io.is_padding(batch)
         rows = [
-            Row(uid=str(uid), prompt_ids=p.tolist(), response_ids=r.tolist(), action_mask=a.tolist(),
-                extra_fields=e if isinstance(e, dict) else {}, old_log_probs=o.float().tolist(), is_padding=pad,
-                response_mask=m.tolist())
+            Row(uid=str(uid), prompt_ids=p, response_ids=r, action_mask=a, extra_fields=e if isinstance(e, dict) else {},
+                old_log_probs=o, is_padding=pad, response_mask=m)
             for uid, p, r, a, o, e, pad, m in zip(uids, io.rows(data["prompts"]), io.rows(data["responses"]),
                                                   io.rows(data["action_mask"]), io.rows(data["old_log_probs"]), extra,
                                                   padding, io.rows(data["response_mask"]))
@@ -197,53 +195,39 @@ class HindsightTrainer(PPOTrainerSync):
         if teacher.max_length is None:
             rollout = self.config.actor_rollout_ref.rollout
             teacher = dataclasses.replace(teacher, max_length=int(rollout.prompt_length + rollout.response_length))
+        k = self.hs.distill.topk if self._uses_topk else 1
         if self._stage_active():
-            scorers = ({"topk_scorer": self._teacher_scorer(topk=True), "topk": self.hs.distill.topk} if self._uses_topk
+            scorers = ({"topk_scorer": self._teacher_scorer(topk=True), "topk": k} if self._uses_topk
                        else {"scorer": self._teacher_scorer()})
             with self.teacher_weights.in_reference(self.actor_rollout_wg):
                 result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
                                    teacher_config=teacher, renderer=self._renderer(), **scorers)
-            teacher_rows, mask_rows = result.teacher_log_probs, result.hindsight_mask
-            topk_rows = result.teacher_topk
+            mapped = result.rows
             metrics.update(result.metrics)
             self._hs_feedback = result.inserted_feedback
             metrics["hindsight/stage_active"] = 1.0
         else:
             # lambda and coef are 0: nothing reads the teacher, so it is not run ("decay into the base estimator")
-            teacher_rows = [[0.0] * len(r.response_ids) for r in rows]
-            mask_rows = [[0] * len(r.response_ids) for r in rows]
-            topk_rows = None
+            mapped = [empty_row(len(r.prompt_ids), len(r.response_ids), k) for r in rows]
             metrics["hindsight/stage_active"] = 0.0
             metrics["hindsight/targeted_token_frac_of_response"] = 0.0
             self._hs_feedback = {}
         if teacher.log_probe:
             metrics.update(self._probe_metrics())
-        self._hs_num_targets = int(sum(map(sum, mask_rows)))
-        self._hs_num_rows = len(rows)
-        columns = {"teacher_log_probs": io.jagged(teacher_rows, torch.float32),
-                   "hindsight_mask": io.jagged(mask_rows, torch.int64)}
-        if self._uses_topk:
-            from verl_hindsight.algo.topk_distill import TEACHER_TOPK_IDS, TEACHER_TOPK_LOG_PROBS
-            from verl_hindsight.hindsight.teacher_sequences import empty_topk
-
-            k = self.hs.distill.topk
-            if topk_rows is None:  # stage inactive: the student's top-k hook still reads the columns
-                topk_rows = [empty_topk(len(r.response_ids), k) for r in rows]
-            columns[TEACHER_TOPK_IDS] = torch.nested.as_nested_tensor([i for i, _ in topk_rows], layout=torch.jagged)
-            columns[TEACHER_TOPK_LOG_PROBS] = torch.nested.as_nested_tensor([lp for _, lp in topk_rows],
-                                                                            layout=torch.jagged)
-        io.put(batch, columns)
+        io.put(batch, {"teacher_logprobs": io.jagged([m.teacher_logprobs for m in mapped], torch.float32),
+                       "teacher_ids": io.jagged([m.teacher_ids for m in mapped], torch.int64),
+                       "hindsight_mask": io.jagged([m.hindsight_mask for m in mapped], torch.int64)})
         return metrics
 
     def _probe_metrics(self) -> dict[str, float]:
         """``hindsight.teacher.log_probe``: a fixed token sequence scored by the teacher, and by the KL anchor."""
-        probe = list(range(3, 35))
+        probe = torch.arange(3, 35)
         metrics = {}
         with self.teacher_weights.in_reference(self.actor_rollout_wg):
-            metrics["hindsight/teacher_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+            metrics["hindsight/teacher_probe_logprob"] = float(self._teacher_scorer()([probe])[0].sum())
         if self.hs.teacher.uses_reference_model and not self.ref_in_actor:
             # constant unless the anchor moves (kl_anchor=teacher)
-            metrics["hindsight/reference_probe_logprob"] = float(sum(self._teacher_scorer()([probe])[0]))
+            metrics["hindsight/reference_probe_logprob"] = float(self._teacher_scorer()([probe])[0].sum())
         return metrics
 
     def _compute_advantage(self, batch, metrics: dict):
@@ -270,15 +254,18 @@ class HindsightTrainer(PPOTrainerSync):
 
         with _verl_estimator(self.config, self.serl.base_estimator):
             batch = super()._compute_advantage(batch, metrics)
-        data = io.get(batch, ["advantages", "rm_scores", "teacher_log_probs", "old_log_probs", "hindsight_mask",
-                              "response_mask", "uid"])
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        data = io.get(batch, ["advantages", "rm_scores", "teacher_logprobs", "old_log_probs", "hindsight_mask",
+                              "response_mask", "prompts", "responses", "uid"])
         index = np.array(io.objects(data, "uid"), dtype=object)
+        teacher_log_probs = no_padding_2_padding(data.pop("teacher_logprobs"), data)[..., 0]
         dense = data.to_padded_tensor()
         base = dense["advantages"]
         estimator = get_adv_estimator_fn(self.config.algorithm.adv_estimator)
         advantages, returns = estimator(
             token_level_rewards=dense["rm_scores"], response_mask=dense["response_mask"], index=index,
-            config=self.config.algorithm, teacher_log_probs=dense["teacher_log_probs"],
+            config=self.config.algorithm, teacher_log_probs=teacher_log_probs,
             old_log_probs=dense["old_log_probs"], hindsight_mask=dense["hindsight_mask"],
             updates_done=self.updates_done, base_advantages=base, metrics=metrics)
         self._hs_serl_factor = torch.where(base != 0, advantages / base, torch.ones_like(advantages))
@@ -288,8 +275,7 @@ class HindsightTrainer(PPOTrainerSync):
         if self.hs.dump_dir:
             self._dump_trajectories(batch)
         if self.hs.enable:
-            batch.extra_info.update({"hs_global_step": self.updates_done, "hs_num_targets": self._hs_num_targets,
-                                     "hs_num_rows": self._hs_num_rows})
+            batch.extra_info["hs_global_step"] = self.updates_done
         batch = super()._update_actor(batch, metrics)
         metrics.update(self.teacher_weights.update(self.actor_rollout_wg, self.global_steps))
         return batch

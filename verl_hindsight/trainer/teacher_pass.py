@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 
-def _nested(rows: list[list[int]]) -> torch.Tensor:
-    return torch.nested.as_nested_tensor([torch.tensor(r, dtype=torch.int64) for r in rows], layout=torch.jagged)
+def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nested.as_nested_tensor([torch.as_tensor(r, dtype=torch.int64) for r in rows], layout=torch.jagged)
 
 
-def _batch(sequences: list[list[int]], multiple: int, meta: dict):
+def _batch(sequences: list[torch.Tensor], multiple: int, meta: dict):
     """The scoring TensorDict (padded with 2-token dummies to ``multiple`` rows) and its response mask."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
@@ -28,12 +28,12 @@ def _batch(sequences: list[list[int]], multiple: int, meta: dict):
     short = [i for i, s in enumerate(sequences) if len(s) < 2]
     if short:
         raise ValueError(f"teacher sequences {short[:3]} have fewer than 2 tokens; nothing to score")
-    padded = list(sequences) + [list(sequences[0][:2])] * ((-len(sequences)) % multiple)
-    response_mask = _nested([[1] * (len(s) - 1) for s in padded])
+    padded = list(sequences) + [sequences[0][:2]] * ((-len(sequences)) % multiple)
+    response_mask = _nested([torch.ones(len(s) - 1) for s in padded])
     td = TensorDict(
         {
             "input_ids": _nested(padded),
-            "position_ids": _nested([list(range(len(s))) for s in padded]),
+            "position_ids": _nested([torch.arange(len(s)) for s in padded]),
             "prompts": _nested([s[:1] for s in padded]),
             "responses": _nested([s[1:] for s in padded]),
             "response_mask": response_mask,
@@ -56,14 +56,14 @@ def worker_scorer(call: Callable, *, temperature: float, dp_size: int = 1, micro
     multiple = max(1, dp_size) * max(1, micro_batch_size or 1)
     from verl.workers.utils.padding import response_from_nested
 
-    def score(sequences: list[list[int]]) -> list[list[float]]:
+    def score(sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         if not sequences:
             return []
         td, response_mask = _batch(sequences, multiple, dict(compute_loss=False, temperature=temperature,
                                                              **(extra_meta or {})))
         out = call(td)
         log_probs = response_from_nested(out["log_probs"], response_mask)
-        return [row.float().tolist() for row in log_probs.unbind(0)][:len(sequences)]
+        return [row.float() for row in log_probs.unbind(0)][:len(sequences)]
 
     return score
 
@@ -78,7 +78,7 @@ def worker_topk_scorer(call: Callable, *, k: int, temperature: float, dp_size: i
     from verl_hindsight.algo.topk_distill import stack_topk
     from verl_hindsight.hindsight.teacher_sequences import TopKScores
 
-    def score(sequences: list[list[int]]) -> list[TopKScores]:
+    def score(sequences: list[torch.Tensor]) -> list[TopKScores]:
         if not sequences:
             return []
         td, response_mask = _batch(sequences, multiple, dict(temperature=temperature, hs_topk=k,
@@ -91,7 +91,7 @@ def worker_topk_scorer(call: Callable, *, k: int, temperature: float, dp_size: i
                 columns[name] = column.to_padded_tensor(0.0) if column.is_nested else column
         ids, lps = stack_topk(columns, k)
         lengths = [len(s) - 1 for s in sequences]
-        return [TopKScores(columns["log_probs"][i, :n].float().tolist(), ids[i, :n], lps[i, :n])
+        return [TopKScores(columns["log_probs"][i, :n].float(), ids[i, :n], lps[i, :n])
                 for i, n in enumerate(lengths)]
 
     return score

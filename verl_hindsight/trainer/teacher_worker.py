@@ -23,7 +23,9 @@ verl has no method for:
   same forward pass as ``compute_ref_log_prob`` / ``compute_log_prob`` and verl's top-k logits hook
   (:mod:`verl_hindsight.algo.topk_distill`);
 - ``update_actor``: verl's, with the micro-batches flagged ``distillation_use_topk`` when the distillation term is
-  the top-k + tail reverse KL (the trainer's own flag follows verl's ``distillation`` block, which is off here).
+  the top-k + tail reverse KL (the trainer's own flag follows verl's ``distillation`` block, which is off here);
+- ``actor_worker_cls``: verl's training worker with the distillation loss's per-mini-batch normaliser
+  (:class:`HindsightTrainingWorker`).
 
 Selected by the hindsight trainer in place of ``ActorRolloutRefWorker`` (``_init_resource_pool_mgr``), the way verl
 itself picks worker classes; nothing in verl is patched.
@@ -37,7 +39,7 @@ from functools import partial
 import torch
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
-from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,27 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+class HindsightTrainingWorker(TrainingWorker):
+    """verl's training worker plus the distillation loss's normaliser: per PPO mini-batch, the targeted tokens over
+    all data-parallel ranks (``hindsight_num_targets``), counted where and as verl counts ``batch_num_tokens``."""
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+    def train_batch(self, data):
+        if "hindsight_mask" in data.keys():
+            from verl.utils.device import get_device_id
+
+            from verl_hindsight.algo.loss import NUM_TARGETS_KEY, targeted_tokens
+
+            count = targeted_tokens(data).to(get_device_id())
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM,
+                                         group=self.engine.get_data_parallel_group())
+            tu.assign_non_tensor(data, **{NUM_TARGETS_KEY: int(count.item())})
+        return super().train_batch(data)
+
+
 class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
+    actor_worker_cls = HindsightTrainingWorker
+
     def _teacher_pairs(self):
         """(name, actor parameter, teacher tensor) on this rank: the teacher copy's tensor if there is one, else the
         reference parameter."""
