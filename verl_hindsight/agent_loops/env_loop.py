@@ -6,9 +6,10 @@ environment (or give it the malformed action), append the observation as context
 episode ends, the turn limit, or the ``response_length`` budget.
 
 Per trajectory it emits, next to verl's usual fields:
-- ``action_mask`` (tensor aligned to the response): 1 exactly on the tokens of each turn's action;
+- ``action_mask`` (tensor aligned to the response): 1 exactly on the tokens of each turn's action, the one record
+  of which tokens are actions;
 - ``extra_fields["hs_turns"]``: one record per turn (:func:`turn_record`): the response token span of the whole
-  assistant message, the action sub-span, the observation the action answered, the environment's
+  assistant message, whether it holds an action, the observation the action answered, the environment's
   feedback/error, the next observation, the step reward, and flags (invalid action, truncated, clipped);
 - ``extra_fields["hs_env"]``: environment name, task id, success, episode return, turns, invalid actions, and
   ``failure`` (the reason when the environment crashed, hung or returned malformed data; then reward 0);

@@ -1,8 +1,9 @@
 """Which turns the self-teacher distils (SERL: every action turn with feedback; HINT-SD: analyzer-picked steps
-of failed episodes), and the token mask that follows from them.
+of failed episodes).
 
-Only action tokens are ever targeted: a turn without an action span cannot be picked, and within a picked turn
-only positions where the agent loop's ``action_mask`` is 1 count (reasoning and format tokens keep plain RL).
+Only action tokens are ever targeted: a turn without an action (``TurnRecord.has_action``) cannot be picked, and
+within a picked turn only positions where the agent loop's ``action_mask`` is 1 count (reasoning and format tokens
+keep plain RL).
 Trajectories whose environment failed are never targeted: their records are not trustworthy.
 """
 
