@@ -3,6 +3,7 @@
     verl-hindsight demo [--run-dir DIR] [--steps N] [--quick]   # the main job: CPU training through stock verl
     verl-hindsight make-tiny-model DIR [--seed S ...]           # offline tiny Qwen2 + tokenizer
     verl-hindsight recipes                                      # where the recipe yaml files are
+    verl-hindsight prepare-data ENV DIR | env-check ENV | view RUN_DIR | appworld ...
 
 Training always goes through stock ``python -m verl.trainer.main_ppo`` with a recipe from ``recipes/``;
 this command only prepares the model and data, keeps verl's log in a file and summarises the metrics.
@@ -42,10 +43,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cfg)
 
 
-def cmd_view(args: argparse.Namespace) -> int:
-    from verl_hindsight.report.viewer import build_viewer
+def _fail(command: str, message: str):
+    """A user mistake: one line on stderr naming the fix, exit status 1, nothing written."""
+    raise SystemExit(f"verl-hindsight {command}: {message}")
 
-    path = build_viewer(Path(args.run_dir).resolve(), out=Path(args.out).resolve() if args.out else None)
+
+def _known_env(command: str, name: str) -> str:
+    from verl_hindsight.environment.protocol import registered_envs
+
+    if name not in registered_envs():
+        _fail(command, f"unknown environment {name!r}; registered: {', '.join(registered_envs())}")
+    return name
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from verl_hindsight.report.viewer import build_viewer, collect
+
+    run_dir = Path(args.run_dir).resolve()
+    if not run_dir.is_dir():
+        _fail("view", f"no such folder: {run_dir} (give a demo run folder or a verl trainer.rollout_data_dir)")
+    if not collect(run_dir, 1):
+        _fail("view", f"no trajectory dumps under {run_dir}: expected hindsight.dump_dir files (step_<k>.jsonl) "
+                      "or verl rollout dumps (trainer.rollout_data_dir)")
+    path = build_viewer(run_dir, out=Path(args.out).resolve() if args.out else None)
     print(path)
     return 0
 
@@ -71,7 +91,14 @@ def _env_kwargs(text: str | None) -> dict:
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from verl_hindsight.environment.data import write_env_dataset
 
-    train, val = write_env_dataset(args.env, args.out_dir, _env_kwargs(args.env_kwargs), args.max_train, args.max_val)
+    _known_env("prepare-data", args.env)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        _fail("prepare-data", f"{args.out_dir} exists and is not a folder; give a new or existing folder")
+    try:
+        train, val = write_env_dataset(args.env, args.out_dir, _env_kwargs(args.env_kwargs), args.max_train,
+                                       args.max_val)
+    except (TypeError, ValueError) as exc:  # the environment refused its arguments
+        _fail("prepare-data", f"cannot build {args.env!r} with --env-kwargs {args.env_kwargs or '{}'}: {exc}")
     print(f"wrote {train} and {val}")
     return 0
 
@@ -80,6 +107,7 @@ def cmd_env_check(args: argparse.Namespace) -> int:
     from verl_hindsight.agent_loops.env_check import run_env_check, summarize
     from verl_hindsight.environment.runner import RunnerLimits
 
+    _known_env("env-check", args.env)
     reports = run_env_check(args.env, policy=args.policy, tasks=args.tasks, workers=args.workers, split=args.split,
                             env_kwargs=_env_kwargs(args.env_kwargs), seed=args.seed, max_turns=args.max_turns,
                             limits=RunnerLimits(step_timeout_s=args.step_timeout or SLOW_ENV_STEP_TIMEOUT.get(
@@ -105,11 +133,23 @@ def cmd_recipes(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("verl-hindsight")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from verl_hindsight.environment.protocol import registered_envs
     from verl_hindsight.tiny_model import add_cli_arguments
 
     parser = argparse.ArgumentParser(prog="verl-hindsight", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"verl-hindsight {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    envs = ", ".join(registered_envs())
 
     demo = sub.add_parser("demo", help="train GRPO, HINT-SD and SERL side by side on the toy corridor (CPU)")
     demo.add_argument("--run-dir", help="output folder (default: runs/demo-<time>)")
@@ -138,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     view = sub.add_parser("view", help="(re)build the self-contained HTML trajectory viewer of a run folder "
                           "(demo runs, or verl rollout dumps from trainer.rollout_data_dir)")
-    view.add_argument("run_dir")
+    view.add_argument("run_dir", help="a demo run folder, or a folder of verl rollout dumps")
     view.add_argument("--out", help="output HTML file (default RUN_DIR/viewer.html)")
     view.set_defaults(func=cmd_view)
 
@@ -147,22 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     prep = sub.add_parser("prepare-data", help="write train/val parquet for a registered environment")
-    prep.add_argument("env")
-    prep.add_argument("out_dir")
+    prep.add_argument("env", help=f"registered environment: {envs}")
+    prep.add_argument("out_dir", help="folder for train.parquet and val.parquet (created if missing)")
     prep.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
-    prep.add_argument("--max-train", type=int)
-    prep.add_argument("--max-val", type=int)
+    prep.add_argument("--max-train", type=int, help="keep at most this many training tasks (default all)")
+    prep.add_argument("--max-val", type=int, help="keep at most this many validation tasks (default all)")
     prep.set_defaults(func=cmd_prepare_data)
 
     check = sub.add_parser("env-check", help="play episodes without a model through the training code path")
-    check.add_argument("env")
-    check.add_argument("--policy", choices=["random", "oracle"], default="oracle")
-    check.add_argument("--tasks", type=int, default=20)
-    check.add_argument("--workers", type=int, default=1)
-    check.add_argument("--split", default="val")
+    check.add_argument("env", help=f"registered environment: {envs}")
+    check.add_argument("--policy", choices=["random", "oracle"], default="oracle",
+                       help="oracle replays the benchmark's reference solution; random plays random actions "
+                            "(default oracle)")
+    check.add_argument("--tasks", type=int, default=20, help="episodes to play (default 20)")
+    check.add_argument("--workers", type=int, default=1, help="environment worker processes (default 1)")
+    check.add_argument("--split", default="val", help="task split: train or val (default val)")
     check.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--max-turns", type=int, default=50)
+    check.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    check.add_argument("--max-turns", type=int, default=50, help="turn limit per episode (default 50)")
     check.add_argument("--step-timeout", type=float, default=None,
                        help="seconds per step (default 30; 120 for appworld, whose server restarts take longer)")
     check.set_defaults(func=cmd_env_check)
@@ -171,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(setup | generate-tasks | serve | info); see docs/benchmarks/appworld.md",
                               add_help=False)
     appworld.add_argument("-h", "--help", dest="appworld_help", action="store_true", help=argparse.SUPPRESS)
-    appworld.add_argument("appworld_args", nargs=argparse.REMAINDER)
+    appworld.add_argument("appworld_args", nargs=argparse.REMAINDER,
+                          help="setup | generate-tasks | serve | info, and their options")
     appworld.set_defaults(func=cmd_appworld)
 
     rec = sub.add_parser("recipes", help="print the recipes directory (for --config-path)")

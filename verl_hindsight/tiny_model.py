@@ -196,14 +196,19 @@ def make_tiny_model(output_dir: str | Path, spec: TinyModelSpec | None = None, *
     return out
 
 
+# short forms of the spec's field names on the command line (the long forms work too)
+_CLI_ALIASES = {"num_hidden_layers": "--layers", "num_attention_heads": "--heads", "num_key_value_heads": "--kv-heads"}
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="directory to write the model into (created if missing)")
     for field, default in asdict(TinyModelSpec()).items():
+        names = [f"--{field.replace('_', '-')}", *([_CLI_ALIASES[field]] if field in _CLI_ALIASES else [])]
         if isinstance(default, bool):
-            parser.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=default, dest=field)
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, dest=field,
+                                help=f"(default {default})")
         else:
-            parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, dest=field)
+            parser.add_argument(*names, type=int, default=default, dest=field, help=f"(default {default})")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -51,11 +51,14 @@ def write_env_dataset(env_name: str, out_dir: str | Path, env_kwargs: Optional[d
                       max_train: Optional[int] = None, max_val: Optional[int] = None) -> tuple[Path, Path]:
     import pandas as pd
 
+    # every row first: a failing environment leaves no folder or half-written split behind
+    rows = {split: env_rows(env_name, split, env_kwargs, limit) for split, limit in (("train", max_train),
+                                                                                    ("val", max_val))}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for split, limit in (("train", max_train), ("val", max_val)):
+    for split, split_rows in rows.items():
         path = out / f"{split}.parquet"
-        pd.DataFrame(env_rows(env_name, split, env_kwargs, limit)).to_parquet(path)
+        pd.DataFrame(split_rows).to_parquet(path)
         paths.append(path)
     return paths[0], paths[1]
