@@ -48,12 +48,11 @@ def _fail(command: str, message: str):
     raise SystemExit(f"verl-hindsight {command}: {message}")
 
 
-def _known_env(command: str, name: str) -> str:
+def _known_env(command: str, name: str) -> None:
     from verl_hindsight.environment.protocol import registered_envs
 
     if name not in registered_envs():
         _fail(command, f"unknown environment {name!r}; registered: {', '.join(registered_envs())}")
-    return name
 
 
 def cmd_view(args: argparse.Namespace) -> int:

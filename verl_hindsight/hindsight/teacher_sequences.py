@@ -217,9 +217,10 @@ def map_back(plan: SplicePlan, scores: list, prompt_ids, response_ids,
                              f"{len(seq.token_ids)} tokens with k={k}")
         student, teacher = seq.positions[:, 0], seq.positions[:, 1]
         keep = student < response_length
-        if scored_mask is not None:
-            keep &= torch.as_tensor(scored_mask)[student.clamp_max(response_length - 1)].bool()
         student, teacher = student[keep], teacher[keep]
+        if scored_mask is not None:
+            keep = torch.as_tensor(scored_mask)[student].bool()
+            student, teacher = student[keep], teacher[keep]
         before = p0 + student - 1  # verl's layout: the row before a token describes it
         row.hindsight_mask[student] = 1
         row.sampled_log_probs[student] = sampled[teacher - 1].float().cpu()
