@@ -19,12 +19,14 @@ This module is the bottom layer of the package: it imports nothing from ``verl_h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from verl.base_config import BaseConfig
 
 SECTION = "hindsight"
+#: ``trainer.v1.trainer_mode`` of the plugin's trainer, the only one that applies the ``hindsight`` block
+TRAINER_MODE = "hindsight"
 
 TEACHER_KINDS = ("frozen", "ema", "lagged", "live")
 #: teacher kinds whose weights live in the worker's reference model (scored by compute_ref_log_prob)
@@ -33,7 +35,7 @@ PLACEMENTS = ("turn", "anchor")
 TURN_MODES = ("all", "with_feedback", "analyzer_first", "analyzer_topk")
 TRAJECTORY_MODES = ("failed", "all")
 DIVERGENCES = ("k1", "k3", "jsd", "topk_tail")
-ANALYZER_ROLES = ("none", "analyzer", "reflector")
+ANALYZER_ROLES = ("none", "analyzer", "reflector", "judge")
 ANALYZER_CLIENTS = ("policy", "openai")
 
 DEFAULT_FEEDBACK_TEMPLATE = "Consider the following feedback to solve this step:\n\n{feedback}"
@@ -193,21 +195,24 @@ class DistillConfig(BaseConfig):
 @dataclass
 class AnalyzerConfig(BaseConfig):
     """``hindsight.analyzer``: the model that reads a finished episode in the agent loop (HINT-SD's analyzer picks
-    failure-relevant steps with corrections; HERO's reflector writes a turn-level diagnosis)."""
+    failure-relevant steps with corrections; HERO's reflector writes a turn-level diagnosis; SERL's judge writes an
+    episode summary)."""
 
-    role: str = "none"  # none | analyzer (HINT-SD) | reflector (HERO)
+    role: str = "none"  # none | analyzer (HINT-SD) | reflector (HERO) | judge (SERL's judge feedback source)
     client: str = "policy"  # policy: the rollout server; openai: any OpenAI-compatible endpoint
     base_url: Optional[str] = None
     model: Optional[str] = None
     api_key_env: Optional[str] = None  # name of the environment variable holding the API key
     k: int = 3  # analyzer: at most k steps (HINT-SD multi)
     variant: str = "multi"  # analyzer: multi | single
-    only_failed: Optional[bool] = None  # null: analyzer true (HINT-SD), reflector false (HERO)
+    only_failed: Optional[bool] = None  # null: analyzer true (HINT-SD), reflector and judge false
     temperature: float = 0.6
     top_p: float = 0.95
     max_tokens: int = 512
     max_chars: int = 12000
     timeout_s: float = 60.0
+    retries: int = 3  # openai client: asks again after a 429, a 5xx, a timeout or a refused connection
+    retry_backoff_s: float = 1.0  # first wait; doubles per retry (a Retry-After header wins)
 
     def __post_init__(self):
         _check_choice("hindsight.analyzer.role", self.role, ANALYZER_ROLES)
@@ -217,6 +222,9 @@ class AnalyzerConfig(BaseConfig):
             raise ValueError("hindsight.analyzer.client=openai needs hindsight.analyzer.base_url and .model")
         if self.k < 1:
             raise ValueError(f"hindsight.analyzer.k must be >= 1, got {self.k!r}")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError(f"hindsight.analyzer.retries ({self.retries!r}) and .retry_backoff_s "
+                             f"({self.retry_backoff_s!r}) must be >= 0 (0 retries: one request per answer)")
 
     @property
     def failed_only(self) -> bool:
@@ -311,8 +319,19 @@ class HindsightConfig(BaseConfig):
             raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")
         if "reflection" in sources and self.analyzer.role != "reflector":
             raise ValueError("hindsight.feedback.source=reflection needs hindsight.analyzer.role=reflector")
+        if "judge" in sources and self.analyzer.role != "judge":
+            raise ValueError("hindsight.feedback.source=judge needs hindsight.analyzer.role=judge (the agent loop "
+                             "asks the judge at the end of each episode)")
         if self.targets.uses_analyzer and self.analyzer.role != "analyzer":
             raise ValueError(f"hindsight.targets.turns={self.targets.turns} needs hindsight.analyzer.role=analyzer")
+        readers = {"analyzer": "analyzer" in sources or self.targets.uses_analyzer, "reflector": "reflection" in sources,
+                   "judge": "judge" in sources}
+        if self.enable and self.analyzer.role != "none" and not readers[self.analyzer.role]:
+            reader = {"analyzer": "analyzer (or hindsight.targets.turns=analyzer_*)", "reflector": "reflection",
+                      "judge": "judge"}[self.analyzer.role]
+            raise ValueError(f"hindsight.analyzer.role={self.analyzer.role} asks a model about every episode but "
+                             f"nothing reads its answer: add {reader} to hindsight.feedback.source, or set "
+                             "hindsight.analyzer.role=none")
         if estimator == "serl":
             serl = load_serl_config(_get(config, "algorithm", default=None))
             if self.env.history_turns is not None and serl.base_estimator not in MULTI_ROW_BASE_ESTIMATORS:
@@ -370,6 +389,42 @@ def _to_dataclass(block: Any, cls: type, name: str):
         key = f"{name}.{exc.full_key}" if getattr(exc, "full_key", None) else name
         raise ValueError(f"{key}: {str(exc).splitlines()[0]} (every key and its default: "
                          "recipes/hindsight_defaults.yaml)") from None
+
+
+def settings_needing_the_trainer(settings: HindsightConfig) -> list[str]:
+    """``key=value`` of every ``hindsight`` setting that differs from its default and that only the plugin's trainer
+    applies: all of them but ``hindsight.env.*``, which the agent loops read themselves."""
+    asked: list[str] = []
+
+    def walk(value: Any, default: Any, key: str) -> None:
+        if is_dataclass(value):
+            for f in fields(value):
+                if not f.name.startswith("_"):
+                    walk(getattr(value, f.name), getattr(default, f.name), f"{key}.{f.name}")
+        elif value != default:
+            asked.append(f"{key}={value}")
+
+    defaults = HindsightConfig()
+    for f in fields(settings):
+        if not f.name.startswith("_") and f.name != "env":
+            walk(getattr(settings, f.name), getattr(defaults, f.name), f"{SECTION}.{f.name}")
+    return asked
+
+
+def check_trainer_mode(config: Any, settings: Optional[HindsightConfig] = None) -> None:
+    """Refuse a run whose ``hindsight`` settings would be ignored: verl's own trainers never read the block, so
+    without ``trainer.v1.trainer_mode=hindsight`` HINT-SD or HERO would silently train as plain GRPO."""
+    mode = str(_get(config, "trainer", "v1", "trainer_mode", default="sync"))
+    if mode == TRAINER_MODE:
+        return
+    asked = settings_needing_the_trainer(settings if settings is not None else
+                                         load_hindsight_config(config, validate=False))
+    if str(_get(config, "algorithm", "adv_estimator", default="")) == "serl":
+        asked.insert(0, "algorithm.adv_estimator=serl")
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: only the plugin's trainer applies these, and "
+                         f"trainer.v1.trainer_mode={mode}; set trainer.v1.trainer_mode={TRAINER_MODE} (or drop the "
+                         "hindsight settings)")
 
 
 def load_hindsight_config(config: Any, validate: bool = True) -> HindsightConfig:

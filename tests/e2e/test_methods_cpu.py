@@ -1,6 +1,9 @@
 """SERL, HINT-SD and HERO through stock ``main_ppo`` on CPU (toy environment, tiny format-warm-started model)."""
 
+import http.server
+import json
 import math
+import threading
 
 import pytest
 
@@ -49,17 +52,68 @@ def test_serl_reweights_only_hindsight_tokens(format_model, data, tmp_path):
     assert any(m["serl/changed_tokens"] > 0 for m in rows)
 
 
-def test_serl_on_another_verl_base_estimator(format_model, data, tmp_path):
-    """algorithm.serl.base_estimator=rloo: verl's RLOO advantage, reweighted by the same registered estimator."""
+class _Judge(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that judges like a careful reader: it takes the outcome from the rendered
+    episode it is sent. Its first answer is a 429, so the run also goes through the client's retry."""
+
+    episodes: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        episode = body["messages"][-1]["content"]
+        type(self).episodes.append(episode)
+        if len(type(self).episodes) == 1:
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            return
+        summary = ("This rollout succeeded. Keep pressing the key the hint names." if "Final outcome: success" in
+                   episode else "This rollout failed. Press the key that the environment's hint names.")
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": summary}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def judge_url():
+    handler = type("Judge", (_Judge,), {"episodes": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_serl_with_the_judge_source_on_another_base_estimator(format_model, data, tmp_path, judge_url):
+    """SERL's fifth feedback source in training: an LLM judge behind an OpenAI-compatible endpoint summarises every
+    episode at its end (agent loop), the summary is the teacher's hindsight on every action turn. One run also
+    covers algorithm.serl.base_estimator=rloo: verl's RLOO advantage, reweighted by the same registered
+    estimator."""
+    handler, url = judge_url
     rows = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path) + [
-        "algorithm.serl.base_estimator=rloo"])
+        "algorithm.serl.base_estimator=rloo", "hindsight.feedback.source=judge", "hindsight.analyzer.role=judge",
+        "hindsight.analyzer.client=openai", f"hindsight.analyzer.base_url={url}", "hindsight.analyzer.model=judge",
+        "hindsight.analyzer.retry_backoff_s=0.01"])
     assert len(rows) == 2
     _finite(rows, "serl/")
     for m in rows:
         assert m["hindsight/stage_active"] == 1.0
+        # every episode of the step, successes included; one without a single action turn has nothing to judge
+        assert m["hindsight/judge_calls"] + m["hindsight/judge_skipped"] == 16 and m["hindsight/judge_calls"] > 0
+        assert m["hindsight/judge_parse_failures"] == 0 and m["hindsight/judge_failure/answer_error"] == 0
+        assert m["hindsight/feedback_coverage"] == 1.0  # the summary reaches every action turn
         assert m["serl/changed_tokens_outside_hindsight_mask"] == 0.0
         assert m["serl/changed_tokens"] <= m["serl/hindsight_tokens"]
     assert any(m["serl/changed_tokens"] > 0 for m in rows)
+    # one request per judged episode, plus the one answered with a 429
+    assert len(handler.episodes) == sum(m["hindsight/judge_calls"] for m in rows) + 1
+    assert all("Final outcome:" in e and "Step 1:" in e for e in handler.episodes)
 
 
 def test_hint_sd_distils_the_failing_steps(format_model, data, tmp_path):
@@ -102,6 +156,18 @@ def test_serl_config_without_the_stage_fails_fast_with_the_fix(format_model, dat
     rc, log = run_recipe("cpu/toy_serl", tmp_path, _base(format_model, data, tmp_path) + ["hindsight.enable=false"],
                          expect_ok=False)
     assert rc != 0 and "hindsight.enable=true" in log
+
+
+def test_hindsight_settings_under_verl_s_own_trainer_are_refused_before_any_update(format_model, data, tmp_path):
+    """HINT-SD's settings with verl's sync trainer would train plain GRPO; the first episode refuses the run (verl
+    logs the agent loop's error and stops at its replay buffer, before any update)."""
+    rc, log = run_recipe("cpu/toy_hint_sd", tmp_path, _base(format_model, data, tmp_path) + [
+        "trainer.v1.trainer_mode=sync"], expect_ok=False)
+    assert rc != 0
+    assert "only the plugin's trainer applies these, and trainer.v1.trainer_mode=sync; set " \
+           "trainer.v1.trainer_mode=hindsight" in log, log[-3000:]
+    assert "hindsight.distill.coef=1.0" in log and "hindsight.feedback.source=error" in log  # what it would ignore
+    assert "step:1 " not in log  # no update happened
 
 
 def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model, data, tmp_path):

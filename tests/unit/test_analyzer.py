@@ -381,6 +381,8 @@ def test_run_reflector_metrics():
 class _Handler(http.server.BaseHTTPRequestHandler):
     mode = "ok"
     seen: list = []
+    fail_first = 0  # with mode "flaky": answer this many requests with fail_code (and Retry-After: 0), then ok
+    fail_code = 429
 
     def log_message(self, *args):
         pass
@@ -390,6 +392,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         type(self).seen.append((self.path, self.headers.get("Authorization"), body))
         if self.mode == "slow":
             time.sleep(1.0)
+        if self.mode == "flaky" and len(type(self).seen) <= self.fail_first:
+            self.send_response(self.fail_code)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(b"slow down")
+            return
         if self.mode == "500":
             self.send_response(500)
             self.end_headers()
@@ -435,30 +443,51 @@ def test_openai_client_success(server):
 def test_openai_client_http_error_names_the_url(server):
     handler, url = server
     handler.mode = "500"
-    client = OpenAICompatibleClient(url, "judge", timeout_s=5)
+    client = OpenAICompatibleClient(url, "judge", timeout_s=5, retries=2, retry_backoff_s=0.01)
     with pytest.raises(AnswerError, match=r"127\.0\.0\.1.*/v1/chat/completions.*HTTP 500.*kaboom"):
         client([{"role": "user", "content": "hi"}])
+    assert len(handler.seen) == 3 and client.attempts == 3  # asked again twice, then given up
     _, m = run_analyzer([traj(2)], client)
     assert m["hindsight/analyzer_failure/answer_error"] == 1
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_openai_client_retries_rate_limits_and_server_errors(server, code):
+    handler, url = server
+    handler.mode, handler.fail_first, handler.fail_code = "flaky", 2, code
+    client = OpenAICompatibleClient(url, "judge", timeout_s=5, retries=3, retry_backoff_s=30.0)
+    out, m = run_analyzer([traj(2)], client)  # Retry-After: 0 wins over the 30 s backoff
+    assert out == {0: [(0, "Look first.")]} and m["hindsight/analyzer_failure/answer_error"] == 0
+    assert client.attempts == 3 and len(handler.seen) == 3
+
+
+def test_openai_client_does_not_retry_a_bad_request(server):
+    handler, url = server
+    handler.mode, handler.fail_first, handler.fail_code = "flaky", 5, 401
+    client = OpenAICompatibleClient(url, "judge", timeout_s=5, retries=3, retry_backoff_s=0.01)
+    with pytest.raises(AnswerError, match="HTTP 401"):
+        client([{"role": "user", "content": "hi"}])
+    assert client.attempts == 1  # a wrong key fails the same way every time
 
 
 def test_openai_client_bad_payload(server):
     handler, url = server
     handler.mode = "bad"
     with pytest.raises(AnswerError, match="no chat completion"):
-        OpenAICompatibleClient(url, "judge", timeout_s=5)([{"role": "user", "content": "hi"}])
+        OpenAICompatibleClient(url, "judge", timeout_s=5, retries=0)([{"role": "user", "content": "hi"}])
 
 
 def test_openai_client_timeout_names_the_url(server):
     handler, url = server
     handler.mode = "slow"
-    client = OpenAICompatibleClient(url, "judge", timeout_s=0.2)
+    client = OpenAICompatibleClient(url, "judge", timeout_s=0.2, retries=1, retry_backoff_s=0.01)
     with pytest.raises(AnswerError, match=r"127\.0\.0\.1.*did not answer within 0\.2s"):
         client([{"role": "user", "content": "hi"}])
+    assert client.attempts == 2
 
 
 def test_openai_client_unreachable_names_the_url():
-    client = OpenAICompatibleClient("http://127.0.0.1:9/v1", "judge", timeout_s=2)
+    client = OpenAICompatibleClient("http://127.0.0.1:9/v1", "judge", timeout_s=2, retries=0)
     with pytest.raises(AnswerError, match=r"127\.0\.0\.1:9/v1/chat/completions"):
         client([{"role": "user", "content": "hi"}])
 

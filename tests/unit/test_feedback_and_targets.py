@@ -15,11 +15,9 @@ from verl_hindsight.hindsight.feedback import (
     anchor_pools,
     compute_feedback,
     get_feedback_source,
-    judge_prompt,
-    needs_judge,
-    make_judge_source,
     register_feedback_source,
 )
+from verl_hindsight.hindsight.analyzer import judge_messages, render_trajectory, run_judge
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord
 from verl_hindsight.hindsight.targets import (
     select_targets,
@@ -147,8 +145,6 @@ def test_unknown_source_lists_names():
     assert "immediate" in str(err.value) and "successful_sibling" in str(err.value)
     with pytest.raises(KeyError):
         get_feedback_source("immediate+nope")
-    with pytest.raises(KeyError):
-        needs_judge("nope")  # what the trainer checks at startup
 
 
 def test_register_custom_source():
@@ -171,63 +167,71 @@ def test_register_custom_source():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_judge_good_answer_applies_to_every_action_turn():
-    prompts = []
+def test_judge_asks_once_per_episode_with_the_rendered_episode():
+    seen = []
 
-    def judge(prompt):
-        prompts.append(prompt)
-        return "  This rollout failed. It walked into a wall.  " if len(prompts) == 2 else "This rollout succeeded."
+    def judge(messages):
+        seen.append(messages)
+        episode = messages[-1]["content"]
+        if "go south" in episode:
+            return "  This rollout failed. It walked into a wall.  "
+        return "This rollout failed. Nothing moved." if "go west" in episode else "This rollout succeeded."
 
-    source = make_judge_source(judge)
-    out = source(GROUP)
-    assert out == {
-        (0, 0): "This rollout succeeded.", (0, 1): "This rollout succeeded.",
-        (1, 0): "This rollout failed. It walked into a wall.", (1, 1): "This rollout failed. It walked into a wall.",
-        (2, 0): "This rollout succeeded.",
-    }
-    assert source.judge_calls == 3 and source.judge_failures == 0
-    assert prompts[1] == judge_prompt(WALL)
-    assert "2 to 4 sentences" in prompts[1] and '"This rollout failed."' in prompts[1]
-    assert "go south" in prompts[1] and "Final outcome: failure" in prompts[1]
+    summaries, metrics = run_judge(GROUP, judge, concurrency=1)
+    assert summaries == {0: "This rollout succeeded.", 1: "This rollout failed. It walked into a wall.",
+                         2: "This rollout failed. Nothing moved."}
+    assert metrics["hindsight/judge_calls"] == 3 and metrics["hindsight/judge_parse_failures"] == 0
+    assert metrics["hindsight/judge_steps_selected"] == 2 + 2 + 1  # the action turns the summaries reach
+    wall = judge_messages(WALL)
+    assert "2 to 4 sentences" in wall[0]["content"] and '"This rollout failed."' in wall[0]["content"]
+    assert render_trajectory(WALL) in wall[1]["content"] and "Final outcome: failure" in wall[1]["content"]
+    assert wall in seen
 
 
-@pytest.mark.parametrize("answer", ["", "   ", "The rollout failed.", "Summary: This rollout failed.", None])
-def test_judge_bad_answer_counted_and_dropped(answer):
-    source = make_judge_source(lambda prompt: answer)
-    assert source([WALL]) == {}
-    assert source.judge_calls == 1 and source.judge_failures == 1
+@pytest.mark.parametrize("answer,reason", [("", "empty"), ("   ", "empty"), ("The rollout failed.", "schema"),
+                                          ("Summary: This rollout failed.", "schema"), (None, "schema")])
+def test_judge_bad_answer_counted_and_dropped(answer, reason):
+    summaries, metrics = run_judge([WALL], lambda messages: answer)
+    assert summaries == {}
+    assert metrics["hindsight/judge_calls"] == 1 and metrics["hindsight/judge_parse_failures"] == 1
+    assert metrics[f"hindsight/judge_failure/{reason}"] == 1
 
 
 def test_judge_exception_counted_not_raised():
-    def judge(prompt):
-        if "go south" in prompt:
+    def judge(messages):
+        if "go south" in messages[-1]["content"]:
             raise TimeoutError("judge down")
         return "This rollout failed. Try the other door."
 
-    source = make_judge_source(judge)
-    assert source([WALL, WEST]) == {(1, 0): "This rollout failed. Try the other door."}
-    assert source.judge_failures == 1
-
-
-def test_judge_needs_judge_fn_and_reports_metrics():
-    with pytest.raises(ValueError):
-        get_feedback_source("judge")
-    config = FeedbackConfig(source="judge+immediate")
-    answers = iter(["This rollout succeeded. Good.", "nonsense", "This rollout failed. Bad."])
-    feedback, metrics = compute_feedback(GROUP, config, judge_fn=lambda p: next(answers))
-    assert feedback[(1, 0)] == "You hit a wall."  # judge part dropped for trajectory 1
-    assert feedback[(2, 0)] == "This rollout failed. Bad.\n\nNothing happens."
-    assert metrics["hindsight/judge_calls"] == 3.0
-    assert metrics["hindsight/judge_failures"] == 1.0
+    summaries, metrics = run_judge([WALL, WEST], judge)
+    assert summaries == {1: "This rollout failed. Try the other door."}
+    assert metrics["hindsight/judge_failure/answer_error"] == 1
 
 
 def test_judge_skips_env_failed_and_actionless():
     calls = []
-    source = make_judge_source(lambda p: calls.append(p) or "This rollout failed.")
     broken = traj([rec(0, "go east", "room 0", "boom")], failure="env crashed")
     actionless = traj([rec(0, None, "room 0", "Invalid format.", has_action=False)])
-    assert source([broken, actionless]) == {}
-    assert calls == [] and source.judge_calls == 0
+    summaries, metrics = run_judge([broken, actionless], lambda m: calls.append(m) or "This rollout failed.")
+    assert summaries == {} and calls == []
+    assert metrics["hindsight/judge_calls"] == 0 and metrics["hindsight/judge_skipped"] == 2
+
+
+def with_judge(tr, summary):
+    return Trajectory(uid=tr.uid, turns=tr.turns, success=tr.success, episode_return=tr.episode_return,
+                      failure=tr.failure, extra={"hs_judge": {"summary": summary, "metrics": {}}})
+
+
+def test_judge_source_puts_the_recorded_summary_on_every_action_turn():
+    group = [with_judge(GROUP[0], "This rollout succeeded. Good."), with_judge(GROUP[1], None),
+             with_judge(GROUP[2], "This rollout failed. Bad.")]
+    assert get_feedback_source("judge")(group) == {
+        (0, 0): "This rollout succeeded. Good.", (0, 1): "This rollout succeeded. Good.",
+        (2, 0): "This rollout failed. Bad.",  # turn 1 of trajectory 2 has no action
+    }
+    feedback, _ = compute_feedback(group, FeedbackConfig(source="judge+immediate"))
+    assert feedback[(1, 0)] == "You hit a wall."  # no summary recorded for trajectory 1: the other part only
+    assert feedback[(2, 0)] == "This rollout failed. Bad.\n\nNothing happens."
 
 
 # ------------------------------------------------------------------------------------------------------------

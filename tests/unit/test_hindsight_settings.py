@@ -42,6 +42,15 @@ def test_analyzer_sources_need_the_analyzer_role():
         load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "analyzer"}))
     with pytest.raises(ValueError, match="role=reflector"):
         load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "reflection"}))
+    with pytest.raises(ValueError, match="source=judge needs hindsight.analyzer.role=judge"):
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "judge+immediate"}))
+    for role, reader in (("analyzer", "add analyzer"), ("reflector", "add reflection"), ("judge", "add judge")):
+        with pytest.raises(ValueError, match=f"role={role} asks a model .* nothing reads its answer: {reader}"):
+            load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "immediate"},
+                                       analyzer={"role": role}))
+    judged = load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, feedback={"source": "judge"},
+                                        analyzer={"role": "judge"}))
+    assert judged.analyzer.failed_only is False  # the judge summarises successes too
     with pytest.raises(ValueError, match="hindsight.teacher.decay: Key .decay. not in"):
         load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema", "decay": 1}))
     with pytest.raises(ValueError, match="hindsight.teacher.kind"):
@@ -85,8 +94,11 @@ def test_answer_metrics_count_each_episode_once():
     rows = [{"hs_last_row": False, "hs_analysis": {"metrics": {"hindsight/analyzer_calls": 1.0}}},
             {"hs_last_row": True, "hs_analysis": {"metrics": {"hindsight/analyzer_calls": 1.0,
                                                               "hindsight/analyzer_parse_failures": 1.0}}},
-            {"hs_reflection": None}]
-    assert answer_metrics(rows) == {"hindsight/analyzer_calls": 1.0, "hindsight/analyzer_parse_failures": 1.0}
+            {"hs_reflection": None},
+            {"hs_judge": {"summary": None, "metrics": {"hindsight/judge_calls": 1.0,
+                                                       "hindsight/judge_failure/schema": 1.0}}}]
+    assert answer_metrics(rows) == {"hindsight/analyzer_calls": 1.0, "hindsight/analyzer_parse_failures": 1.0,
+                                    "hindsight/judge_calls": 1.0, "hindsight/judge_failure/schema": 1.0}
 
 
 def test_every_shipped_recipe_composes_and_validates():

@@ -39,7 +39,7 @@ import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 
 from verl_hindsight.agent_loops.hindsight_answers import answer_episode, answer_fn
-from verl_hindsight.config import EnvLoopConfig, load_env_loop_config, load_hindsight_config
+from verl_hindsight.config import EnvLoopConfig, check_trainer_mode, load_env_loop_config, load_hindsight_config
 from verl_hindsight.environment.runner import EnvFailure, RunnerLimits, get_pool
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,10 @@ def _loop_settings(config, overrides: dict[str, Any]):
     builds an agent loop per sample."""
     key = (id(config), json.dumps(overrides, sort_keys=True, default=str))
     if key not in _settings_cache:  # the entry holds the config, so its id cannot be reused by another object
-        _settings_cache[key] = (config, load_env_loop_config(config, overrides),
-                                load_hindsight_config(config, validate=False).analyzer)
+        settings = load_hindsight_config(config, validate=False)
+        # the first episode of a run: the earliest point plugin code sees the config under verl's own trainers
+        check_trainer_mode(config, settings)
+        _settings_cache[key] = (config, load_env_loop_config(config, overrides), settings.analyzer)
     return _settings_cache[key][1:]
 
 

@@ -1,10 +1,10 @@
-"""HINT-SD's analyzer and HERO's reflector, run by the agent loop at the end of each episode.
+"""HINT-SD's analyzer, HERO's reflector and SERL's judge, run by the agent loop at the end of each episode.
 
 Why here and not in the trainer: the default answering model is the policy itself through the rollout server, and
 in verl's hybrid (colocated) mode the rollout replicas sleep as soon as sampling ends. At the end of an episode the
 server is awake, the episode's records are complete, and the analysis runs concurrently with other episodes.
-The answer is stored in ``extra_fields`` (``hs_analysis`` / ``hs_reflection``) and read by the trainer's
-``analyzer`` / ``reflection`` feedback sources. Bad answers are counted there, never raised.
+The answer is stored in ``extra_fields`` (``hs_analysis`` / ``hs_reflection`` / ``hs_judge``) and read by the
+trainer's ``analyzer`` / ``reflection`` / ``judge`` feedback sources. Bad answers are counted there, never raised.
 
 Config: the ``hindsight.analyzer`` block (:class:`AnalyzerConfig`).
 """
@@ -19,15 +19,17 @@ from verl_hindsight.hindsight.analyzer import (
     OpenAICompatibleClient,
     RolloutServerAnswer,
     arun_analyzer,
+    arun_judge,
     arun_reflector,
 )
-from verl_hindsight.hindsight.records import Trajectory
+from verl_hindsight.hindsight.records import ANSWER_FIELDS, Trajectory
 
 def answer_fn(settings: AnalyzerConfig, tokenizer, server_manager):
     if settings.client == "openai":
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         return OpenAICompatibleClient(settings.base_url, settings.model, api_key=key, timeout_s=settings.timeout_s,
-                                      max_tokens=settings.max_tokens, temperature=settings.temperature)
+                                      max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                      retries=settings.retries, retry_backoff_s=settings.retry_backoff_s)
     return RolloutServerAnswer.from_server_manager(
         tokenizer, server_manager,
         sampling_params={"temperature": settings.temperature, "top_p": settings.top_p,
@@ -45,6 +47,10 @@ async def answer_episode(settings: AnalyzerConfig, fn, turns: list[dict], summar
                                              max_chars=settings.max_chars)
         steps = [[int(turn), text] for turn, text in picks.get(0, [])]
         return {"hs_analysis": {"steps": steps, "metrics": {k: float(v) for k, v in metrics.items()}}}
+    if settings.role == "judge":
+        summaries, metrics = await arun_judge([traj], fn, only_failed=settings.failed_only, concurrency=1,
+                                              max_chars=settings.max_chars)
+        return {"hs_judge": {"summary": summaries.get(0), "metrics": {k: float(v) for k, v in metrics.items()}}}
     diagnoses, metrics = await arun_reflector([traj], fn, only_failed=settings.failed_only, concurrency=1,
                                               max_chars=settings.max_chars)
     turns_out = [{"turn": int(d.turn), "necessary": bool(d.necessary), "valid": bool(d.valid),
@@ -53,12 +59,12 @@ async def answer_episode(settings: AnalyzerConfig, fn, turns: list[dict], summar
 
 
 def answer_metrics(extra_fields: list[dict]) -> dict[str, float]:
-    """Sum the per-episode analyzer/reflector counters over a batch (one entry per episode)."""
+    """Sum the per-episode analyzer/reflector/judge counters over a batch (one entry per episode)."""
     totals: dict[str, float] = {}
     for e in extra_fields:
         if not isinstance(e, dict) or not e.get("hs_last_row", True):
             continue
-        for key in ("hs_analysis", "hs_reflection"):
+        for key in ANSWER_FIELDS:
             for name, value in ((e.get(key) or {}).get("metrics") or {}).items():
                 totals[name] = totals.get(name, 0.0) + float(value)
     return totals

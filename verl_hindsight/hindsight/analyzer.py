@@ -1,10 +1,13 @@
-"""HINT-SD analyzer and HERO reflector: a model reads a whole trajectory and answers, as JSON, where it went wrong.
+"""HINT-SD analyzer, HERO reflector and SERL judge: a model reads a whole trajectory and says where it went wrong.
 
 - HINT-SD analyzer (run only on failed episodes): up to ``k`` failure-relevant steps, earliest first, each with a
   short correction: ``{"failures": [{"step": s, "feedback": "..."}]}``. The ``single`` variant asks for the first
   mistaken step only (k = 1).
 - HERO reflector: a per-turn diagnosis ``{"turns": [{"step": s, "necessary": bool, "valid": bool,
   "diagnosis": "...", "corrected_action": "..." | null}]}``; only turns with a non-empty diagnosis are kept.
+- SERL judge: a 2-4 sentence summary of the episode in plain text that opens with ``This rollout succeeded.`` or
+  ``This rollout failed.`` (the opening is the check that the model read the outcome); it is the hindsight text of
+  every action turn of that episode.
 
 Step numbering: the prompt shows **1-based** step numbers (``Step 1`` is the first turn) because models count
 from one; the parsers accept ``1 <= step <= n_steps`` and return **0-based positions** into ``traj.turns``;
@@ -29,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import random
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -154,6 +159,15 @@ Reply with valid JSON only, exactly in this form:
 {"turns": [{"step": <step number>, "necessary": true, "valid": true, "diagnosis": "", "corrected_action": null}]}"""
 
 
+JUDGE_PREFIXES = ("This rollout succeeded.", "This rollout failed.")
+
+_JUDGE = """You review one episode of an agent acting in an environment.
+Write a summary of 2 to 4 sentences for the agent: what went right or wrong, and what it should do differently.
+Start with exactly "This rollout succeeded." if the final outcome is a success, else with exactly \
+"This rollout failed."
+Reply with the summary only."""
+
+
 def analyzer_messages(traj: Trajectory, k: int = 3, variant: str = "multi", max_chars: int = 12000) -> Messages:
     """HINT-SD analyzer chat: a system instruction and the rendered episode as the user message."""
     if variant == "multi":
@@ -173,6 +187,12 @@ def reflector_messages(traj: Trajectory, max_chars: int = 12000) -> Messages:
         f"Diagnose each of the {len(traj.turns)} steps. Answer with the JSON object only."
     )
     return [{"role": "system", "content": _REFLECTOR}, {"role": "user", "content": user}]
+
+
+def judge_messages(traj: Trajectory, max_chars: int = 12000) -> Messages:
+    """SERL judge chat: the summary request and the rendered episode."""
+    user = f"Episode:\n{render_trajectory(traj, max_chars=max_chars)}\n\nAnswer with the summary only."
+    return [{"role": "system", "content": _JUDGE}, {"role": "user", "content": user}]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,8 +421,27 @@ class AnswerError(RuntimeError):
     """The answering model could not be reached or gave no usable text."""
 
 
+# Answers worth asking again: rate limits, server-side failures and gateways that time out. Anything else (a bad
+# request, a wrong key, an unknown model) fails the same way every time.
+RETRY_HTTP_CODES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_RETRY_WAIT_S = 60.0
+
+
+class _Retryable(Exception):
+    def __init__(self, error: "AnswerError", wait_hint: Optional[float] = None):
+        super().__init__(str(error))
+        self.error = error
+        self.wait_hint = wait_hint
+
+
 class OpenAICompatibleClient:
-    """``POST {base_url}/chat/completions`` with the standard library; a sync :data:`AnswerFn`."""
+    """``POST {base_url}/chat/completions`` with the standard library; a sync :data:`AnswerFn`.
+
+    A rate limit (429), a 5xx, a timeout or a refused connection is asked again up to ``retries`` times, waiting
+    ``retry_backoff_s * 2**attempt`` (with 10% jitter, so parallel episodes do not retry in step) or the server's
+    ``Retry-After``, at most :data:`MAX_RETRY_WAIT_S`; then the last error is raised as :class:`AnswerError`
+    (counted as ``answer_error`` by the callers, as before).
+    """
 
     def __init__(
         self,
@@ -412,6 +451,8 @@ class OpenAICompatibleClient:
         timeout_s: float = 60.0,
         max_tokens: int = 512,
         temperature: float = 0.6,
+        retries: int = 3,
+        retry_backoff_s: float = 1.0,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -419,6 +460,9 @@ class OpenAICompatibleClient:
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+        self.attempts = 0  # requests sent, retries included
 
     def _request(self, messages: Messages) -> urllib.request.Request:
         body = {
@@ -433,18 +477,32 @@ class OpenAICompatibleClient:
         return urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
 
     def __call__(self, messages: Messages) -> str:
+        for attempt in range(self.retries + 1):
+            try:
+                return self._content(self._post(messages))
+            except _Retryable as e:
+                if attempt == self.retries:
+                    raise e.error from e.__cause__
+                wait = self.retry_backoff_s * 2 ** attempt * (1.0 + 0.1 * random.random())
+                time.sleep(min(MAX_RETRY_WAIT_S, e.wait_hint if e.wait_hint is not None else wait))
+        raise AssertionError("unreachable")
+
+    def _post(self, messages: Messages) -> bytes:
+        self.attempts += 1
         try:
             with urllib.request.urlopen(self._request(messages), timeout=self.timeout_s) as resp:
-                raw = resp.read()
+                return resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:500].decode("utf-8", "replace")
-            raise AnswerError(f"{self.url} returned HTTP {e.code}: {detail}") from e
+            error = AnswerError(f"{self.url} returned HTTP {e.code}: {detail}")
+            if e.code in RETRY_HTTP_CODES:
+                raise _Retryable(error, _retry_after(e.headers.get("Retry-After"))) from e
+            raise error from e
         except (TimeoutError, OSError) as e:  # socket.timeout is TimeoutError; URLError is an OSError
             reason = getattr(e, "reason", e)
             if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
-                raise AnswerError(f"{self.url} did not answer within {self.timeout_s}s") from e
-            raise AnswerError(f"cannot reach {self.url}: {reason}") from e
-        return self._content(raw)
+                raise _Retryable(AnswerError(f"{self.url} did not answer within {self.timeout_s}s")) from e
+            raise _Retryable(AnswerError(f"cannot reach {self.url}: {reason}")) from e
 
     def _content(self, raw: bytes) -> str:
         try:
@@ -454,6 +512,14 @@ class OpenAICompatibleClient:
         if not isinstance(content, str):
             raise AnswerError(f"{self.url} gave a completion without text content")
         return content
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header given in seconds; None for a date or garbage (the backoff applies)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _ids_from_template(rendered: Any) -> list[int]:
@@ -680,3 +746,65 @@ def run_reflector(
     kept; a trajectory with none is absent from the result.
     """
     return _run_sync(arun_reflector(trajectories, answer_fn, only_failed, concurrency, max_chars))
+
+
+def parse_judge_answer(text: Any, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> tuple[Optional[str], Optional[str],
+                                                                                     tuple[str, ...]]:
+    """``(summary, failure, notes)``: the stripped summary, or None with ``schema`` (not text, or not opening
+    with one of :data:`JUDGE_PREFIXES`) or ``empty``; an over-long summary is clipped and noted ``clipped``."""
+    if not isinstance(text, str):
+        return None, "schema", ()
+    text = text.strip()
+    if not text:
+        return None, "empty", ()
+    if not text.startswith(JUDGE_PREFIXES):
+        return None, "schema", ()
+    clipped, was_clipped = _clip_text(text, max_chars)
+    return clipped, None, (("clipped",) if was_clipped else ())
+
+
+async def arun_judge(
+    trajectories: Sequence[Trajectory],
+    answer_fn: AnswerFn,
+    only_failed: bool = False,
+    concurrency: int = 8,
+    max_chars: int = 12000,
+) -> tuple[dict[int, str], dict[str, float]]:
+    """SERL judge over a batch: ``{traj_index: summary}`` and ``hindsight/judge_*`` metrics. Episodes with no
+    action turn are skipped (the summary would reach no token); a raised or unusable answer is counted, never
+    raised, and leaves the trajectory out."""
+    metrics = _empty_metrics("judge")
+    items = []
+    for i, t in enumerate(trajectories):
+        if _eligible(t, only_failed) and any(turn.has_action for turn in t.turns):
+            items.append((i, judge_messages(t, max_chars=max_chars)))
+        else:
+            metrics["hindsight/judge_skipped"] += 1
+    metrics["hindsight/judge_calls"] = len(items)
+    answers = await _answers(items, answer_fn, concurrency)
+    out: dict[int, str] = {}
+    for i, answer in answers.items():
+        if isinstance(answer, BaseException):
+            metrics[f"hindsight/judge_failure/{ANSWER_ERROR}"] += 1
+            continue
+        summary, failure, notes = parse_judge_answer(answer)
+        if failure:
+            metrics["hindsight/judge_parse_failures"] += 1
+            metrics[f"hindsight/judge_failure/{failure}"] += 1
+        for note in notes:
+            metrics[f"hindsight/judge_{note}"] += 1
+        if summary is not None:
+            out[i] = summary
+            metrics["hindsight/judge_steps_selected"] += sum(1 for turn in trajectories[i].turns if turn.has_action)
+    return out, metrics
+
+
+def run_judge(
+    trajectories: Sequence[Trajectory],
+    answer_fn: AnswerFn,
+    only_failed: bool = False,
+    concurrency: int = 8,
+    max_chars: int = 12000,
+) -> tuple[dict[int, str], dict[str, float]]:
+    """Sync :func:`arun_judge`."""
+    return _run_sync(arun_judge(trajectories, answer_fn, only_failed, concurrency, max_chars))

@@ -20,12 +20,10 @@ import difflib
 from typing import Callable, Optional
 
 from verl_hindsight.config import FeedbackConfig
-from verl_hindsight.hindsight.analyzer import render_trajectory
 from verl_hindsight.hindsight.records import Trajectory, TurnRecord, group_by_uid
 
 Key = tuple[int, int]  # (trajectory index, turn index)
 FeedbackSource = Callable[[list[Trajectory]], dict[Key, str]]
-JudgeFn = Callable[[str], str]
 
 JOIN = "\n\n"  # between the parts of a combined source
 STEP_CHARS = 300  # per-step clip in the compact renderings: one huge observation must not crowd out the rest
@@ -35,23 +33,18 @@ NO_ACTION = "(no valid action)"
 # Registry
 # ---------------------------------------------------------------------------------------------------------------
 
-# name -> (callable, needs_judge). A judge entry is a *factory* taking ``judge_fn`` and returning a source.
-_REGISTRY: dict[str, tuple[Callable, bool]] = {}
+_REGISTRY: dict[str, FeedbackSource] = {}
 
 
-def register_feedback_source(name: str, *, needs_judge: bool = False):
-    """Decorator registering a source under ``name``.
-
-    With ``needs_judge=True`` the decorated callable is a factory ``(judge_fn) -> source`` instead, so the
-    judge client stays injectable (and fakeable in tests) rather than global.
-    """
+def register_feedback_source(name: str):
+    """Decorator registering a source under ``name``."""
     if not name or "+" in name:
         raise ValueError(f"invalid feedback source name {name!r}: non-empty, without '+'")
 
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"feedback source {name!r} is already registered")
-        _REGISTRY[name] = (fn, needs_judge)
+        _REGISTRY[name] = fn
         return fn
 
     return decorate
@@ -61,7 +54,7 @@ def feedback_source_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> tuple[Callable, bool]:
+def _lookup(name: str) -> FeedbackSource:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -76,37 +69,18 @@ def _split(name: str) -> list[str]:
     return parts
 
 
-def needs_judge(name: str) -> bool:
-    """Whether the (possibly combined) source ``name`` needs a ``judge_fn``; raises KeyError on unknown names."""
-    return any(_lookup(p)[1] for p in _split(name))
-
-
-def get_feedback_source(name: str, judge_fn: Optional[JudgeFn] = None) -> FeedbackSource:
-    """The source called ``name``; ``"a+b"`` joins the non-empty texts of a and b (in that order) per turn."""
-    parts = []
-    for part in _split(name):
-        fn, wants_judge = _lookup(part)
-        if wants_judge:
-            if judge_fn is None:
-                raise ValueError(f"feedback source {part!r} needs a judge_fn")
-            fn = fn(judge_fn)
-        parts.append(fn)
+def get_feedback_source(name: str) -> FeedbackSource:
+    """The source called ``name``; ``"a+b"`` joins the non-empty texts of a and b (in that order) per turn. Raises
+    KeyError naming the registered sources for an unknown or malformed name."""
+    parts = [_lookup(part) for part in _split(name)]
     return parts[0] if len(parts) == 1 else CombinedSource(parts)
 
 
 class CombinedSource:
-    """Several sources joined per turn; exposes the judge counters of its parts for the metrics."""
+    """Several sources joined per turn."""
 
     def __init__(self, parts: list[FeedbackSource]):
         self.parts = parts
-
-    @property
-    def judge_calls(self) -> int:
-        return sum(getattr(p, "judge_calls", 0) for p in self.parts)
-
-    @property
-    def judge_failures(self) -> int:
-        return sum(getattr(p, "judge_failures", 0) for p in self.parts)
 
     def __call__(self, group: list[Trajectory]) -> dict[Key, str]:
         outputs = [p(group) for p in self.parts]
@@ -237,17 +211,6 @@ def successful_sibling_feedback(group: list[Trajectory]) -> dict[Key, str]:
     return out
 
 
-JUDGE_PREFIXES = ("This rollout succeeded.", "This rollout failed.")
-
-JUDGE_PROMPT = """You review one episode of an agent acting in an environment.
-Write a summary of 2 to 4 sentences for the agent: what went right or wrong, and what it should do differently.
-Start with exactly "This rollout succeeded." if the final outcome is a success, else with exactly \
-"This rollout failed."
-Reply with the summary only.
-
-{episode}"""
-
-
 @register_feedback_source("analyzer")
 def analyzer_feedback(group: list[Trajectory]) -> dict[Key, str]:
     """HINT-SD: the analyzer's correction at each step it picked (recorded by the agent loop as ``hs_analysis``)."""
@@ -280,51 +243,15 @@ def reflection_feedback(group: list[Trajectory]) -> dict[Key, str]:
     return out
 
 
-def judge_prompt(tr: Trajectory, max_chars: int = 12000) -> str:
-    return JUDGE_PROMPT.format(episode=render_trajectory(tr, max_chars=max_chars))
-
-
-def valid_judge_answer(answer: object) -> Optional[str]:
-    """The stripped answer when it is usable, else None (non-string, empty, or missing the required opening)."""
-    if not isinstance(answer, str):
-        return None
-    answer = answer.strip()
-    return answer if answer.startswith(JUDGE_PREFIXES) else None
-
-
-class JudgeSource:
-    """One judge call per live trajectory; its summary applies to every action turn of that trajectory.
-
-    A bad answer or an exception is counted in ``judge_failures`` and yields no feedback for that trajectory:
-    one flaky judge call must never take down a training step.
-    """
-
-    def __init__(self, judge_fn: JudgeFn):
-        self.judge_fn = judge_fn
-        self.judge_calls = 0
-        self.judge_failures = 0
-
-    def __call__(self, group: list[Trajectory]) -> dict[Key, str]:
-        out = {}
-        for i, tr in _live(group):
-            action_turns = [t.turn for t in tr.turns if is_action_turn(t)]
-            if not action_turns:
-                continue  # nothing to give feedback to: spare the call
-            self.judge_calls += 1
-            try:
-                answer = valid_judge_answer(self.judge_fn(judge_prompt(tr)))
-            except Exception:  # noqa: BLE001 - any client error is a counted failure, by design
-                answer = None
-            if answer is None:
-                self.judge_failures += 1
-                continue
-            out.update({(i, t): answer for t in action_turns})
-        return out
-
-
-@register_feedback_source("judge", needs_judge=True)
-def make_judge_source(judge_fn: JudgeFn) -> JudgeSource:
-    return JudgeSource(judge_fn)
+@register_feedback_source("judge")
+def judge_feedback(group: list[Trajectory]) -> dict[Key, str]:
+    """SERL's LLM judge: the episode summary (``hs_judge``, written by the agent loop) on every action turn of it."""
+    out = {}
+    for i, tr in _live(group):
+        summary = str((tr.extra.get("hs_judge") or {}).get("summary") or "").strip()
+        if summary:
+            out.update({(i, t.turn): summary for t in tr.turns if is_action_turn(t)})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,15 +313,14 @@ def turn_level(group: list[Trajectory], feedback: dict[Key, str], similarity: Op
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def compute_feedback(trajectories: list[Trajectory], config: FeedbackConfig,
-                     judge_fn: Optional[JudgeFn] = None) -> tuple[dict[Key, str], dict[str, float]]:
+def compute_feedback(trajectories: list[Trajectory], config: FeedbackConfig) -> tuple[dict[Key, str], dict[str, float]]:
     """Feedback per (index in ``trajectories``, turn) for the whole batch, plus ``hindsight/*`` metrics.
 
     Sources see one GRPO group at a time (siblings and anchors only make sense within a task).
     ``hindsight/feedback_coverage`` is over all action turns of the batch, env-failed trajectories included,
     so it shows how much of the batch hindsight can reach.
     """
-    source = get_feedback_source(config.source, judge_fn=judge_fn)
+    source = get_feedback_source(config.source)
     place = anchor_level if config.placement == "anchor" else turn_level
     feedback: dict[Key, str] = {}
     for indices in group_by_uid(trajectories).values():
@@ -411,7 +337,4 @@ def compute_feedback(trajectories: list[Trajectory], config: FeedbackConfig,
         "hindsight/feedback_turns": float(len(feedback)),
         "hindsight/feedback_mean_chars": (sum(map(len, feedback.values())) / len(feedback)) if feedback else 0.0,
     }
-    if hasattr(source, "judge_failures"):
-        metrics["hindsight/judge_calls"] = float(source.judge_calls)
-        metrics["hindsight/judge_failures"] = float(source.judge_failures)
     return feedback, metrics

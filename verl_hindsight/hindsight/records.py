@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-ANSWER_FIELDS = ("hs_analysis", "hs_reflection")
+ANSWER_FIELDS = ("hs_analysis", "hs_reflection", "hs_judge")
 
 
 @dataclass(frozen=True)

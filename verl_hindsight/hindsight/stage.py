@@ -117,14 +117,14 @@ class TeacherScores:
 
 
 def plan_stage(rows: list[Row], *, feedback_config, target_config, teacher_config: TeacherConfig,
-               renderer: FeedbackRenderer, judge_fn=None, analyzer_picks=None) -> StagePlan:
+               renderer: FeedbackRenderer, analyzer_picks=None) -> StagePlan:
     """Feedback, targets, and the teacher sequences that put the feedback into each targeted row's context."""
     from verl_hindsight.hindsight.feedback import compute_feedback
     from verl_hindsight.hindsight.targets import select_targets, target_metrics
 
     live = [i for i, r in enumerate(rows) if not r.is_padding]
     trajectories = [Trajectory.from_extra_fields(rows[i].uid, rows[i].extra_fields) for i in live]
-    feedback, metrics = compute_feedback(trajectories, feedback_config, judge_fn=judge_fn)
+    feedback, metrics = compute_feedback(trajectories, feedback_config)
     metrics = dict(metrics)
     if analyzer_picks is None and target_config.uses_analyzer:
         analyzer_picks = analyzer_picks_of(trajectories)
@@ -224,7 +224,7 @@ def stage_metrics(rows: list[Row], plan: StagePlan, scores: TeacherScores, mappe
 
 
 def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config: TeacherConfig,
-              renderer: FeedbackRenderer, scorer: Optional[Scorer] = None, judge_fn=None, analyzer_picks=None,
+              renderer: FeedbackRenderer, scorer: Optional[Scorer] = None, analyzer_picks=None,
               topk_scorer: Optional[TopKScorer] = None, topk: int = 0) -> StageResult:
     """One batch's stage: plan, score, map back, metrics. ``scorer`` gives sampled-token teacher log-probs;
     ``topk_scorer`` (with ``topk``) the teacher's top-k at every position instead, for the top-k + tail
@@ -234,7 +234,7 @@ def run_stage(rows: list[Row], *, feedback_config, target_config, teacher_config
     if topk_scorer is not None and topk < 1:
         raise ValueError(f"run_stage with a topk_scorer needs topk >= 1, got {topk}")
     plan = plan_stage(rows, feedback_config=feedback_config, target_config=target_config,
-                      teacher_config=teacher_config, renderer=renderer, judge_fn=judge_fn,
+                      teacher_config=teacher_config, renderer=renderer,
                       analyzer_picks=analyzer_picks)
     scores = score_teacher(plan, scorer=scorer, topk_scorer=topk_scorer, topk=topk)
     mapped = map_back_rows(rows, plan, scores, span=target_config.span)

@@ -40,13 +40,13 @@ import torch
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+from verl_hindsight.config import TRAINER_MODE
 from verl_hindsight.trainer import batch_io as io
 from verl_hindsight.trainer.rollout_metrics import batch_rollout_metrics
 from verl_hindsight.trainer.teacher_weights import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
-TRAINER_MODE = "hindsight"
 
 
 def _kl_to_reference(config) -> bool:
@@ -76,11 +76,11 @@ def _verl_estimator(config, name: str):
 class HindsightTrainer(PPOTrainerSync):
     def __init__(self, config):
         from verl_hindsight.config import load_hindsight_config, load_serl_config
-        from verl_hindsight.hindsight.feedback import needs_judge
+        from verl_hindsight.hindsight.feedback import get_feedback_source
 
         # validated before any worker starts: a wrong config fails in seconds, not after model loading
         self.hs = load_hindsight_config(config)
-        needs_judge(self.hs.feedback.source)  # unknown feedback source names fail here
+        get_feedback_source(self.hs.feedback.source)  # unknown feedback source names fail here
         self.serl = None
         if str(config.algorithm.adv_estimator) == "serl":
             self.serl = load_serl_config(config.algorithm)
