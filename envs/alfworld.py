@@ -34,6 +34,7 @@ won, else 0. The episode also ends, unsuccessfully, after ``max_steps`` commands
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -41,7 +42,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from verl_hindsight.environment.protocol import Environment, Observation, StepResult, register_env
-from verl_hindsight.envs.alfworld_gen import EXPERT_SEED, ensure_generated, require_alfworld, start_game
+from verl_hindsight.envs.alfworld_gen import (
+    EXPERT_SEED,
+    ensure_generated,
+    generated_root,
+    is_generated,
+    require_alfworld,
+    start_game,
+)
 
 SPLITS = ("train", "valid_seen", "valid_unseen")
 TASK_TYPE_SHORT = {
@@ -128,11 +136,27 @@ class ALFWorldEnv(Environment):
         if data_root is not None:
             self.root, self.source = data_root, "data"
         else:
-
-            self.root, self.source = ensure_generated(cache_dir, seed, gen_splits), "generated"
+            self.root, self.source = generated_root(cache_dir, seed, gen_splits), "generated"
+            if not is_generated(self.root):
+                kwargs = {k: v for k, v in (("source", source), ("cache_dir", cache_dir), ("seed", seed),
+                                            ("gen_splits", gen_splits)) if v not in (None, 0, "auto")}
+                raise FileNotFoundError(
+                    f"alfworld env: no generated games at {self.root} (generating takes minutes, more than an env "
+                    f"worker may take to start): run `verl-hindsight prepare-data alfworld OUT_DIR"
+                    f"{' --env-kwargs ' + repr(json.dumps(kwargs)) if kwargs else ''}` once first")
         self._ids: dict[str, list[str]] = {}
         self._env = None
         self._done = True
+
+    @classmethod
+    def prepare(cls, progress: bool = False, source: str = "auto", data_dir: Optional[str] = None,
+                cache_dir: Optional[str] = None, seed: int = 0, gen_splits: Optional[dict[str, int]] = None,
+                **_: Any) -> None:
+        """Generate the offline games (once, into the cache) unless the run will read an ALFWorld data folder."""
+        if source == "data" or (source == "auto" and find_data_root(data_dir or _ENV_DATA) is not None):
+            return
+        require_alfworld()
+        ensure_generated(cache_dir, seed, gen_splits, progress=progress)
 
     # ------------------------------------------------------------------ tasks
     def task_ids(self, split: str) -> list[str]:

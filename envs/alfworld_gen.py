@@ -31,7 +31,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -273,8 +273,10 @@ def play_expert(game_file: str | Path, max_steps: int = 60) -> tuple[bool, list[
 
 def generate_split(out_dir: str | Path, split: str, per_type: int, seed: int = 0,
                    task_types: tuple[str, ...] = TASK_TYPES, verify: bool = True,
-                   max_expert_steps: int = 40, max_attempts: int = 20) -> list[Path]:
-    """Write ``per_type`` games of every task type into ``out_dir/split``; returns the game files (sorted)."""
+                   max_expert_steps: int = 40, max_attempts: int = 20,
+                   on_game: Optional[Callable[[], object]] = None) -> list[Path]:
+    """Write ``per_type`` games of every task type into ``out_dir/split``; returns the game files (sorted).
+    ``on_game`` is called after each game is written (and verified)."""
     out = Path(out_dir) / split
     files = []
     for task_type in task_types:
@@ -304,6 +306,8 @@ def generate_split(out_dir: str | Path, split: str, per_type: int, seed: int = 0
                 game_dir.parent.rmdir()
             else:
                 raise RuntimeError(f"alfworld_gen: no expert-solvable {task_type} scene in {max_attempts} attempts")
+            if on_game is not None:
+                on_game()
     return sorted(files)
 
 
@@ -315,23 +319,45 @@ def default_cache_dir() -> Path:
     return Path(base) / "verl-hindsight" / "alfworld-gen"
 
 
-def ensure_generated(cache_dir: Optional[str | Path] = None, seed: int = 0,
-                     splits: Optional[dict[str, int]] = None, verify: bool = True) -> Path:
-    """Generate (once) the games for every split into ``cache_dir/seed<seed>-<spec>``; returns that root."""
+def generated_root(cache_dir: Optional[str | Path] = None, seed: int = 0,
+                   splits: Optional[dict[str, int]] = None) -> Path:
+    """Where :func:`ensure_generated` writes the games of ``(seed, splits)``: ``cache_dir/seed<seed>-<spec>``."""
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     spec = "-".join(f"{k}{v}" for k, v in sorted(splits.items()))
-    root = Path(cache_dir or default_cache_dir()) / f"seed{seed}-{spec}"
-    done = root / ".complete"
-    if done.exists():
+    return Path(cache_dir or default_cache_dir()) / f"seed{seed}-{spec}"
+
+
+def is_generated(root: Path) -> bool:
+    return (root / ".complete").exists()
+
+
+def ensure_generated(cache_dir: Optional[str | Path] = None, seed: int = 0,
+                     splits: Optional[dict[str, int]] = None, verify: bool = True, progress: bool = False) -> Path:
+    """Generate (once) the games for every split into :func:`generated_root`; returns that root. Minutes on a small
+    machine (each game is verified by playing TextWorld's expert), hence ``progress``: a bar over the games."""
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    root = generated_root(cache_dir, seed, splits)
+    if is_generated(root):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock  # a verl dependency; several workers may start at once
+    from filelock import FileLock  # a verl dependency; several processes may start at once
 
     with FileLock(str(root) + ".lock"):
-        if not done.exists():
-            for split, per_type in sorted(splits.items()):
-                generate_split(root, split, per_type, seed, verify=verify)
-            done.write_text("ok\n")
+        if not is_generated(root):
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=sum(splits.values()) * len(TASK_TYPES), unit="game",
+                           desc=f"generating ALFWorld games into {root}")
+            try:
+                for split, per_type in sorted(splits.items()):
+                    generate_split(root, split, per_type, seed, verify=verify,
+                                   on_game=bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            (root / ".complete").write_text("ok\n")
     return root
 
 
@@ -344,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true")
     args = parser.parse_args(argv)
     splits = {s.split(":")[0]: int(s.split(":")[1]) for s in args.splits.split(",") if s}
-    root = ensure_generated(args.out, args.seed, splits, verify=not args.no_verify)
+    root = ensure_generated(args.out, args.seed, splits, verify=not args.no_verify, progress=True)
     n = sum(1 for _ in root.glob("*/*/*/game.tw-pddl"))
     print(f"{root}: {n} games")
     return 0

@@ -96,7 +96,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     try:
         train, val = write_env_dataset(args.env, args.out_dir, _env_kwargs(args.env_kwargs), args.max_train,
                                        args.max_val)
-    except (TypeError, ValueError) as exc:  # the environment refused its arguments
+    except (TypeError, ValueError, FileNotFoundError, ImportError) as exc:  # refused arguments, missing data/extra
         _fail("prepare-data", f"cannot build {args.env!r} with --env-kwargs {args.env_kwargs or '{}'}: {exc}")
     print(f"wrote {train} and {val}")
     return 0
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default oracle)")
     check.add_argument("--tasks", type=int, default=20, help="episodes to play (default 20)")
     check.add_argument("--workers", type=int, default=1, help="environment worker processes (default 1)")
-    check.add_argument("--split", default="val", help="task split: train or val (default val)")
+    check.add_argument("--split", default="val", help="task split: train or val (default val); some environments "
+                       "name more, e.g. alfworld's valid_seen and valid_unseen")
     check.add_argument("--env-kwargs", help="JSON object of environment constructor arguments")
     check.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
     check.add_argument("--max-turns", type=int, default=50, help="turn limit per episode (default 50)")

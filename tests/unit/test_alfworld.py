@@ -133,18 +133,43 @@ def test_random_policy_and_invalid_action(alf_kwargs):
     env.close()
 
 
+def test_env_without_generated_games_names_the_command_instead_of_generating(tmp_path):
+    empty = tmp_path / "empty-cache"
+    kwargs = {"source": "generated", "cache_dir": str(empty), "gen_splits": FAST_SPLITS}
+    with pytest.raises(FileNotFoundError, match=r"no generated games at .*verl-hindsight prepare-data alfworld "
+                                                r"OUT_DIR --env-kwargs '\{.*\"cache_dir\""):
+        ALFWorldEnv(**kwargs)
+    assert not any(empty.rglob("*.tw-pddl"))  # a worker never starts the minutes-long generation
+
+
 @pytest.mark.e2e
-def test_default_generated_set_oracle_wins_all_splits(tmp_path_factory):
+def test_default_generated_set_from_an_empty_cache_through_the_cli(tmp_path_factory):
+    """First use as a user meets it: prepare-data generates the default 48-game set into a fresh cache (with a
+    progress bar), then `env-check --policy oracle` solves every game of every split."""
+    import subprocess
+    import sys
+
     from verl_hindsight.agent_loops.env_check import run_env_check
 
     cache = str(tmp_path_factory.mktemp("alfworld-gen-default"))
     kwargs = {"source": "generated", "cache_dir": cache}
-    ensure_generated(cache)
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "verl_hindsight.cli", *args], capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    prepared = cli("prepare-data", "alfworld", str(tmp_path_factory.mktemp("alf-data")), "--env-kwargs",
+                   json.dumps(kwargs))
+    assert "generating ALFWorld games" in prepared.stderr and "48/48" in prepared.stderr  # the progress bar
     for split in ("train", "valid_seen", "valid_unseen"):
-        reports = run_env_check("alfworld", policy="oracle", tasks=1000, workers=2, split=split, env_kwargs=kwargs)
-        if split == "valid_seen":
-            train = {r.task_id for r in run_env_check("alfworld", policy="random", tasks=1000, workers=2,
-                                                      split="train", env_kwargs=kwargs, max_turns=2)}
-            assert len(train) == 4 * len(TASK_TYPES) and not train & {r.task_id for r in reports}
-        assert len(reports) == (4 if split == "train" else 2) * len(TASK_TYPES)
-        assert all(r.success for r in reports), [(r.task_id, r.failure) for r in reports if not r.success]
+        out = cli("env-check", "alfworld", "--policy", "oracle", "--tasks", "1000", "--workers", "2", "--split",
+                  split, "--env-kwargs", json.dumps(kwargs)).stdout
+        n = (4 if split == "train" else 2) * len(TASK_TYPES)
+        assert f"success: {n}/{n}" in out, out
+    seen = {r.task_id for r in run_env_check("alfworld", policy="oracle", tasks=1000, workers=2, split="valid_seen",
+                                             env_kwargs=kwargs, max_turns=1)}
+    train = {r.task_id for r in run_env_check("alfworld", policy="random", tasks=1000, workers=2, split="train",
+                                              env_kwargs=kwargs, max_turns=1)}
+    assert len(train) == 4 * len(TASK_TYPES) and len(seen) == 2 * len(TASK_TYPES) and not train & seen

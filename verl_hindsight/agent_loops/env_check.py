@@ -18,6 +18,7 @@ from typing import Optional
 
 from verl_hindsight.agent_loops.prompts import initial_messages
 from verl_hindsight.agent_loops.tool_calls import format_tool_calls, parse_tool_calls, tool_payload
+from verl_hindsight.environment.protocol import prepare_env
 from verl_hindsight.environment.runner import EnvFailure, RunnerLimits, get_pool
 from verl_hindsight.spans import parse_tagged_action
 
@@ -90,6 +91,7 @@ def run_env_check(env_name: str, policy: str = "oracle", tasks: int = 20, worker
                   limits: RunnerLimits = RunnerLimits()) -> list[EpisodeReport]:
     if policy not in POLICIES:
         raise ValueError(f"env-check: --policy must be one of {POLICIES}, got {policy!r}")
+    prepare_env(env_name, env_kwargs, progress=True)  # one-time data, here rather than in a time-limited worker
     pool = get_pool(env_name, env_kwargs or {}, limits)
     with pool.session() as session:
         task_ids = session.task_ids(split)[:tasks]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from verl_hindsight.environment.protocol import make_env
+from verl_hindsight.environment.protocol import make_env, prepare_env
 
 TEXT_AGENT = "hindsight_text_env"
 TOOL_AGENT = "hindsight_tool_env"
@@ -51,6 +51,7 @@ def write_env_dataset(env_name: str, out_dir: str | Path, env_kwargs: Optional[d
                       max_train: Optional[int] = None, max_val: Optional[int] = None) -> tuple[Path, Path]:
     import pandas as pd
 
+    prepare_env(env_name, env_kwargs, progress=True)  # one-time data, here rather than in a time-limited worker
     # every row first: a failing environment leaves no folder or half-written split behind
     rows = {split: env_rows(env_name, split, env_kwargs, limit) for split, limit in (("train", max_train),
                                                                                     ("val", max_val))}

@@ -83,6 +83,13 @@ class Environment(ABC):
     #: Instructions for the agent: what the task is and which actions exist (the agent loop adds the format).
     instructions: ClassVar[str] = ""
 
+    @classmethod
+    def prepare(cls, progress: bool = False, **env_kwargs: Any) -> None:
+        """One-time setup before any worker builds the environment (generating or downloading its data). It runs
+        in the calling process of ``verl-hindsight prepare-data`` and ``env-check``, outside the env workers'
+        start-up time limit; a constructor that finds it missing raises naming that command. Takes the
+        constructor's keyword arguments, is idempotent, and has nothing to do by default."""
+
     @abstractmethod
     def task_ids(self, split: str) -> list[str]:
         """Task ids of ``split`` ("train" or "val"), in a fixed, documented order."""
@@ -153,14 +160,23 @@ _BUILTIN_ENV_MODULES = {
 }
 
 
-def make_env(name: str, **kwargs) -> Environment:
+def env_class(name: str) -> type[Environment]:
     if name not in _ENV_REGISTRY and name in _BUILTIN_ENV_MODULES:
         import importlib
 
         importlib.import_module(_BUILTIN_ENV_MODULES[name])
     if name not in _ENV_REGISTRY:
         raise KeyError(f"unknown environment {name!r}; registered: {sorted(set(_ENV_REGISTRY) | set(_BUILTIN_ENV_MODULES))}")
-    return _ENV_REGISTRY[name](**kwargs)
+    return _ENV_REGISTRY[name]
+
+
+def make_env(name: str, **kwargs) -> Environment:
+    return env_class(name)(**kwargs)
+
+
+def prepare_env(name: str, env_kwargs: Optional[dict] = None, progress: bool = False) -> None:
+    """Run ``name``'s one-time setup (:meth:`Environment.prepare`) here, with the kwargs its workers will get."""
+    env_class(name).prepare(progress=progress, **(env_kwargs or {}))
 
 
 def registered_envs() -> list[str]:
