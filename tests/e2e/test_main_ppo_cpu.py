@@ -3,15 +3,13 @@
 The plugin is picked up through the ``verl.plugins`` entry point only (no VERL_USE_EXTERNAL_MODULES).
 """
 
-import json
-import os
-import subprocess
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from verl_hindsight.launch import main_ppo_command
+from conftest_e2e import run_recipe
 from verl_hindsight.tasks.letters import write_dataset
 
 pytestmark = pytest.mark.e2e
@@ -28,9 +26,8 @@ def _load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def test_grpo_three_steps_update_weights_and_keep_rollout_in_sync(tiny_model_dir, tmp_path):
     train, val = write_dataset(tmp_path / "data", n_train=32, n_val=8)
-    metrics_path = tmp_path / "metrics.jsonl"
     ckpt_dir = tmp_path / "ckpt"
-    cmd = main_ppo_command("cpu/grpo_smoke", [
+    rows = run_recipe("cpu/grpo_smoke", tmp_path, [
         f"actor_rollout_ref.model.path={tiny_model_dir}",
         f"data.train_files={train}",
         f"data.val_files={val}",
@@ -39,22 +36,13 @@ def test_grpo_three_steps_update_weights_and_keep_rollout_in_sync(tiny_model_dir
         f"trainer.default_local_dir={ckpt_dir}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
     ])
-    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
-    env["VERL_FILE_LOGGER_PATH"] = str(metrics_path)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    (tmp_path / "verl.log").write_text(log)
-    assert proc.returncode == 0, log[-5000:]
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        m = r["data"]
+    for m in rows:
         # rollout (hf server) log-probs vs trainer log-probs of the same tokens, after every weight sync
         assert m["training/rollout_actor_probs_pearson_corr"] >= 0.99
         assert abs(m["rollout_corr/log_ppl_diff"]) < 1e-3
         assert m["actor/grad_norm"] > 0
         assert m["critic/score/max"] > m["critic/score/min"]  # the reward has variance: a real gradient
+    assert [m["training/global_step"] for m in rows] == [1, 2, 3]
 
     hf_dirs = list(ckpt_dir.glob("global_step_3/actor/huggingface"))
     assert hf_dirs, f"no HF checkpoint under {ckpt_dir}"
@@ -62,3 +50,29 @@ def test_grpo_three_steps_update_weights_and_keep_rollout_in_sync(tiny_model_dir
     initial = _load_safetensors_dir(Path(tiny_model_dir))
     changed = [k for k in initial if k in trained and not torch.equal(initial[k], trained[k].to(initial[k].dtype))]
     assert len(changed) >= len(initial) // 2, f"only {changed} changed"
+
+
+def readme_cpu_settings() -> list[str]:
+    """The ``key=value`` settings in the code blocks of the README's "Running stock verl on CPU" section."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Running stock verl on CPU", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [tok for block in blocks for tok in block.replace("\\\n", " ").split()
+            if "=" in tok and not tok.startswith("-")]
+
+
+def test_verl_default_config_with_only_the_readme_cpu_settings(tiny_model_dir, tmp_path):
+    settings = readme_cpu_settings()
+    assert "actor_rollout_ref.rollout.name=hf" in settings
+    train, val = write_dataset(tmp_path / "data", n_train=16, n_val=4)
+    rows = run_recipe(None, tmp_path, settings + [  # what any run names, on any hardware
+        f"actor_rollout_ref.model.path={tiny_model_dir}", f"data.train_files={train}", f"data.val_files={val}",
+        "data.max_prompt_length=64", "data.max_response_length=16", "data.train_batch_size=4",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4", "actor_rollout_ref.rollout.n=4",
+        "algorithm.adv_estimator=grpo", "reward.custom_reward_function.path=pkg://verl_hindsight.tasks.letters",
+        "reward.custom_reward_function.name=compute_score", "trainer.total_training_steps=2",
+        "trainer.logger=[console,file]", "trainer.val_before_train=false", f"trainer.default_local_dir={tmp_path}",
+    ])
+    assert [m["training/global_step"] for m in rows] == [1, 2]
+    assert all(m["actor/grad_norm"] > 0 for m in rows)
