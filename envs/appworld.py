@@ -12,14 +12,24 @@ and talks to the server over a Unix-socket HTTP connection with time limits.
 - Reward: AppWorld's own evaluation (``world.evaluate()`` through ``/evaluate``): 1.0 when every test passes, else
   0.0, given when the code calls ``apis.supervisor.complete_task(...)`` or at ``max_steps``.
 - ``info["error"]``: the execution error of the step, or at the end the names of the failing tests.
-- Faults: a step that hangs past ``http_timeout_s`` or kills the server ends the episode as failed
-  (``info["server_failure"]`` = ``server_timeout``/``server_crashed``, reason in ``info["error"]`` and in the
-  observation); the server is killed and relaunched at once, so the next episode runs. Infinite Python loops are
-  first stopped by AppWorld's own ``timeout_seconds`` (``execute_timeout_s``) and the episode goes on.
+- Server: one per env instance, launched by the constructor (``prestart``) so it imports and warms up while the
+  caller does other work, and reused by every episode (``/initialize`` re-initialises the task on the running
+  server, ~0.2 s); ``reset()`` waits for it up to ``start_timeout_s`` (240 s) and loads the task within
+  ``init_timeout_s`` (120 s): generous, because a start on a busy machine is slow, not broken (measured on 2 cores,
+  two servers starting at once: ready in ~12 s idle, ~21 s with both cores busy, ~50 s with eight busy loops).
+  A server past half its CPU budget is replaced when an episode ends, so the new one warms up before the next
+  reset. Sandbox (``isolate``): bubblewrap (read-only system, private writable working directory, no network)
+  where usable, see :mod:`.appworld_server`; ``server_info()["sandbox"]`` says which is in use.
+- Faults: a step that hangs past ``http_timeout_s`` (20 s, tight: it is model code) or kills the server ends the
+  episode as failed (``info["server_failure"]`` = ``server_timeout``/``server_crashed``, reason in ``info["error"]``
+  and in the observation); the server is killed and relaunched at once, so the next episode runs. Infinite Python
+  loops are first stopped by AppWorld's own ``timeout_seconds`` (``execute_timeout_s``) and the episode goes on.
   A server that cannot start raises, so the runner records ``EnvFailure("env_error")``.
 
-Keep the runner's ``step_timeout_s`` above ``http_timeout_s`` + ``start_timeout_s`` (defaults 20 + 60 s; the
-agent loop's default step timeout is 30 s, so set ``hindsight.env.step_timeout_s`` to 120 for AppWorld).
+Runner limits: ``reset()`` of a fresh worker waits for its server's start (~12-25 s, ~50 s on a very busy machine),
+so give the runner a ``step_timeout_s`` of 120 s or more (``verl-hindsight env-check appworld`` uses 120 s; for
+training set ``hindsight.env.step_timeout_s=120``; the default 30 s is too tight for a start). The worker's own
+start (``RunnerLimits.start_timeout_s``, 60 s) only covers the constructor, which launches the server and returns.
 """
 
 from __future__ import annotations
@@ -61,9 +71,11 @@ class AppWorldEnv(Environment):
     )
 
     def __init__(self, venv: Optional[str] = None, data_root: Optional[str] = None, max_steps: int = 30,
-                 execute_timeout_s: int = 10, http_timeout_s: float = 20.0, start_timeout_s: float = 60.0,
+                 execute_timeout_s: int = 10, http_timeout_s: float = 20.0,
+                 start_timeout_s: float = aws.READY_TIMEOUT_S, init_timeout_s: float = aws.INITIALIZE_TIMEOUT_S,
                  memory_mb: int = 4096, cpu_s: int = 900, open_files: int = 256, isolate: str = "auto",
-                 hide_paths: tuple = (), max_observation_chars: int = 4000, experiment_name: str = "verl_hindsight"):
+                 hide_paths: tuple = (), max_observation_chars: int = 4000, experiment_name: str = "verl_hindsight",
+                 prestart: bool = True):
         self.venv = aws.venv_dir(venv)
         self.root, self.user_data = aws.resolve_data_root(data_root, self.venv)
         if not os.path.isdir(os.path.join(self.root, "data", "datasets")):
@@ -75,13 +87,21 @@ class AppWorldEnv(Environment):
         self.experiment_name = experiment_name
         self.limits = aws.ServerLimits(cpu_s=cpu_s, memory_mb=memory_mb, open_files=open_files, isolate=isolate,
                                        hide_paths=tuple(hide_paths))
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s, self.init_timeout_s = start_timeout_s, init_timeout_s
+        aws.choose_sandbox(isolate)  # an unknown or unavailable required mode fails here, not in reset()
         self._server: Optional[aws.AppWorldServer] = None
         self._generated = None if self.user_data else appworld_tasks.load_tasks_file(self.root)
         self._task_id: Optional[str] = None
         self._steps = 0
         self._done = True
         self._oracle: list[str] = []
+        if prestart:  # boot (and warm) the server now, while the caller does other work; reset() waits for it
+            self._new_server().start()
+
+    def _new_server(self) -> aws.AppWorldServer:
+        if self._server is None:
+            self._server = aws.AppWorldServer(self.venv, self.root, self.limits, start_timeout_s=self.start_timeout_s)
+        return self._server
 
     # -------------------------------------------------------------------------------------------- tasks
     def task_ids(self, split: str) -> list[str]:
@@ -107,9 +127,7 @@ class AppWorldEnv(Environment):
 
     # -------------------------------------------------------------------------------------------- server
     def _ensure_server(self) -> aws.AppWorldServer:
-        if self._server is None:
-            self._server = aws.AppWorldServer(self.venv, self.root, self.limits, start_timeout_s=self.start_timeout_s)
-        server = self._server
+        server = self._new_server()
         if server.proc is None or not server.alive():
             if server.proc is not None:
                 server.restarts += 1
@@ -118,15 +136,24 @@ class AppWorldEnv(Environment):
             server.restart()  # fresh CPU budget before RLIMIT_CPU would kill it mid-episode
         try:
             server.wait_ready()
-        except aws.ServerError:
-            server.restart()  # one more try, then let the runner record the failure
+        except aws.ServerError as exc:
+            if exc.reason == "server_start_timeout":
+                raise  # too slow even with the generous limit: another start would be slower still
+            server.restart()  # it died while starting: one more try, then let the runner record the failure
             server.wait_ready()
         return server
+
+    def _episode_over(self) -> None:
+        """Get the server ready for the next reset now: replaced early when past half its CPU budget."""
+        server = self._server
+        if server is not None and server.alive() and server.cpu_seconds() > self.limits.cpu_s / 2:
+            server.restart()
 
     def server_info(self) -> dict:
         s = self._server
         return {"pid": s.proc.pid if s and s.proc else None, "restarts": s.restarts if s else 0,
-                "sandbox": s.sandbox if s else None, "workdir": s.workdir if s else None}
+                "sandbox": s.sandbox if s else None, "workdir": s.workdir if s else None,
+                "ready_s": s.ready_s if s else None}
 
     def _call(self, path: str, timeout_s: Optional[float] = None, **payload):
         return self._server.client.post(path, timeout_s or self.http_timeout_s, task_id=self._task_id, **payload)
@@ -143,7 +170,7 @@ class AppWorldEnv(Environment):
         self._task_id, self._steps, self._done = task_id, 0, False
         try:
             out = server.client.post(
-                "/initialize", self.start_timeout_s, task_id=task_id, experiment_name=self.experiment_name,
+                "/initialize", self.init_timeout_s, task_id=task_id, experiment_name=self.experiment_name,
                 timeout_seconds=self.execute_timeout_s, raise_on_unsafe_syntax=True, null_patch_unsafe_execution=True)
         except aws.ServerError as exc:
             server.restart()
@@ -167,10 +194,11 @@ class AppWorldEnv(Environment):
         code = None
         if server and server.proc and exc.reason != "server_timeout":
             try:
-                code = server.proc.wait(timeout=2)
+                server.proc.wait(timeout=2)
             except Exception:
-                code = server.proc.poll()
-        server.restart()
+                pass
+            code = server.exit_code()
+        server.restart()  # starts (and warms) the replacement now, so it is ready by the next reset
         if exc.reason == "server_timeout":
             why = f"the code did not finish within {self.http_timeout_s:.0f}s; the environment server was killed"
         else:
@@ -206,6 +234,7 @@ class AppWorldEnv(Environment):
                 raise RuntimeError(f"appworld evaluation error: {exc}") from None
             return self._server_failure(exc)
         self._done = True
+        self._episode_over()
         success = bool(report.get("success"))
         failures = [f.get("requirement", "") for f in report.get("failures", [])]
         num = report.get("num_tests", len(failures) + len(report.get("passes", [])))

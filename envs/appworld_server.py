@@ -12,18 +12,38 @@ environment. This module, importable from verl's venv with the standard library 
   ``data/tasks``, otherwise the generated tasks under ``<venv>/generated-root``;
 - runs one AppWorld environment server per concurrent episode (:class:`AppWorldServer`): AppWorld's own FastAPI app
   (``appworld.serve.environment``, what ``appworld serve environment`` runs), served by uvicorn on a Unix socket in
-  the server's private working directory, under OS limits (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_NOFILE``,
-  ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0``), killed with its parent (``PR_SET_PDEATHSIG``), and when the kernel allows
-  unprivileged user namespaces, inside a fresh network namespace (no network at all; ``unshare --user --net``) with
-  the trainer's directories hidden under empty tmpfs mounts (``--mount``). Health checks, restarts and cleanup
-  (``close()``, ``atexit``) are here; the HTTP client is :class:`ServerClient` (``http.client`` over the socket).
+  the server's private working directory. Before it opens the socket, the server loads every app once (a
+  throw-away world of the first dataset task, ~8 CPU s), so "ready" means ``/initialize`` takes ~0.2 s; start it
+  ahead of need (:meth:`AppWorldServer.start` returns at once). Limits from ``benchmarks/appworld_start_time.py``:
+  ready within ``READY_TIMEOUT_S`` (240 s; measured on 2 cores with two servers starting at once: ~12 s idle,
+  ~21 s with both cores busy, ~50 s with eight busy loops), ``/initialize`` within ``INITIALIZE_TIMEOUT_S``
+  (120 s; measured 0.2-1.2 s);
+- sandboxes each server (``ServerLimits.isolate``; :func:`choose_sandbox`), always under OS limits
+  (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``, ``RLIMIT_CORE=0``) and killed with its parent
+  (``PR_SET_PDEATHSIG``):
+
+  * ``bwrap`` (bubblewrap, :func:`bwrap_command`): the whole system mounted read-only, fresh ``/dev`` and
+    ``/proc``, the working directory the only writable place (besides the sandbox's own ``/dev/shm``); empty
+    read-only tmpfs over ``/tmp``, ``/var/tmp``, ``/run``, ``$HOME``, the trainer's checkout and working directory
+    and ``hide_paths``, with the AppWorld venv, its python and the data put back read-only; new
+    user/pid/net/ipc/uts/cgroup namespaces (no network; loopback is the sandbox's own), no capabilities, no nested
+    user namespaces, dies with its parent;
+  * ``namespaces`` (``unshare --user --map-root-user --net --mount``): no network, the trainer's checkout, working
+    directory and ``hide_paths`` under empty tmpfs mounts; the rest of the filesystem is writable as the trainer's
+    user;
+  * ``rlimits``: the OS limits only.
+
+  ``isolate="auto"`` (default) takes the first that works here and logs a WARNING saying which and why when it
+  is not bwrap; ``"bwrap"`` / ``"namespaces"`` require theirs; ``"none"`` uses rlimits only. Health checks,
+  restarts and cleanup (``close()``, ``atexit``) are here; the HTTP client is :class:`ServerClient`
+  (``http.client`` over the socket).
 
 CLI (``python -m verl_hindsight.envs.appworld_server``)::
 
     setup [--venv DIR] [--python PY] [--force]          # venv + appworld install + generated tasks
     generate-tasks [--venv DIR] [--root DIR] [--force]  # (re)build the offline tasks
-    serve [--venv DIR] [--data-root DIR]                # one sandboxed server in the foreground (debugging)
-    info                                                # paths, versions, sandbox support
+    serve [--venv DIR] [--data-root DIR] [--isolate M]  # one sandboxed server in the foreground (debugging)
+    info                                                # paths, versions, sandbox support and choice
 """
 
 from __future__ import annotations
@@ -32,6 +52,7 @@ import atexit
 import ctypes
 import http.client
 import json
+import logging
 import os
 import resource
 import shutil
@@ -61,7 +82,8 @@ class AppWorldSetupError(RuntimeError):
 
 
 class ServerError(RuntimeError):
-    """A server call failed. ``reason``: ``server_timeout``, ``server_crashed``, ``server_start_failed``, ``http_error``."""
+    """A server call failed. ``reason``: ``server_timeout``, ``server_crashed``, ``server_start_failed`` (it exited
+    while starting), ``server_start_timeout`` (not ready within the start limit), ``http_error``."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -197,23 +219,108 @@ def resolve_data_root(data_root: Optional[str] = None, venv: Optional[str] = Non
 # ------------------------------------------------------------------------------------------------ OS sandbox
 
 _PR_SET_PDEATHSIG = 1
-_sandbox_support: Optional[bool] = None
+ISOLATION_MODES = ("auto", "bwrap", "namespaces", "none")
+_LOG = logging.getLogger(__name__)
+_namespaces_support: Optional[tuple[bool, str]] = None
+_bwrap_support: Optional[tuple[bool, str, tuple]] = None
+_warned: set = set()
+_TRUE = shutil.which("true") or "/bin/true"
+
+
+def _probe(cmd: list[str]) -> tuple[bool, str]:
+    try:
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    lines = (out.stderr or out.stdout).strip().splitlines()
+    return out.returncode == 0, (lines[-1] if lines else f"exit code {out.returncode}")
+
+
+def namespaces_support() -> tuple[bool, str]:
+    """``(works, why not)`` for ``unshare --user --map-root-user --net --mount`` (cached)."""
+    global _namespaces_support
+    if _namespaces_support is None:
+        exe = shutil.which("unshare")
+        if not exe:
+            _namespaces_support = (False, "`unshare` (util-linux) is not installed")
+        else:
+            ok, why = _probe([exe, "--user", "--map-root-user", "--net", "--mount", _TRUE])
+            _namespaces_support = (ok, "" if ok else f"unprivileged user namespaces are not permitted ({why})")
+    return _namespaces_support
 
 
 def namespaces_supported() -> bool:
     """Whether ``unshare --user --map-root-user --net --mount`` works here (cached)."""
-    global _sandbox_support
-    if _sandbox_support is None:
-        exe = shutil.which("unshare")
-        ok = False
-        if exe:
-            try:
-                ok = subprocess.run([exe, "--user", "--map-root-user", "--net", "--mount", "true"],
-                                    capture_output=True, timeout=10).returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                ok = False
-        _sandbox_support = ok
-    return _sandbox_support
+    return namespaces_support()[0]
+
+
+# Namespaces and process flags of every bwrap sandbox. The first variant also forbids creating user namespaces
+# inside (bwrap >= 0.8, needs --unshare-user); the second is for older bwrap or setuid installs.
+_BWRAP_VARIANTS = (
+    ("--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--cap-drop", "ALL"),
+    ("--unshare-all", "--die-with-parent", "--cap-drop", "ALL"),
+)
+
+
+def bwrap_support() -> tuple[bool, str, tuple]:
+    """``(works, why not, namespace flags)`` for bubblewrap with the server's mounts (cached)."""
+    global _bwrap_support
+    if _bwrap_support is None:
+        exe = shutil.which("bwrap")
+        if not exe:
+            _bwrap_support = (False, "`bwrap` is not installed (Debian/Ubuntu: apt-get install bubblewrap)", ())
+        else:
+            why = ""
+            for flags in _BWRAP_VARIANTS:
+                ok, why = _probe([exe, *flags, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                                  "--tmpfs", "/tmp", "--remount-ro", "/tmp", _TRUE])
+                if ok:
+                    _bwrap_support = (True, "", flags)
+                    break
+            else:
+                _bwrap_support = (False, f"bwrap cannot create its sandbox here ({why})", ())
+    return _bwrap_support
+
+
+def bwrap_supported() -> bool:
+    return bwrap_support()[0]
+
+
+def choose_sandbox(isolate: str) -> str:
+    """The sandbox a server gets for ``isolate``: ``bwrap``, ``namespaces`` or ``rlimits``.
+
+    ``auto`` takes the strongest that works here and logs a WARNING (once per process and outcome) when it is not
+    bwrap, saying why; ``bwrap`` and ``namespaces`` raise :class:`AppWorldSetupError` when unavailable.
+    """
+    if isolate not in ISOLATION_MODES:
+        raise ValueError(f"isolate must be one of {', '.join(ISOLATION_MODES)}, got {isolate!r}")
+    if isolate == "none":
+        return "rlimits"
+    if isolate == "bwrap":
+        ok, why, _ = bwrap_support()
+        if not ok:
+            raise AppWorldSetupError(f"isolate='bwrap' but {why}")
+        return "bwrap"
+    if isolate == "namespaces":
+        ok, why = namespaces_support()
+        if not ok:
+            raise AppWorldSetupError(f"isolate='namespaces' but {why}")
+        return "namespaces"
+    ok, bwrap_why, _ = bwrap_support()
+    if ok:
+        return "bwrap"
+    ns_ok, ns_why = namespaces_support()
+    mode = "namespaces" if ns_ok else "rlimits"
+    if mode not in _warned:
+        _warned.add(mode)
+        if ns_ok:
+            _LOG.warning("AppWorld server sandbox: namespaces (unshare: no network, the trainer's checkout hidden), "
+                         "not bwrap, because %s; the server can write wherever the trainer's user can outside the "
+                         "hidden directories", bwrap_why)
+        else:
+            _LOG.warning("AppWorld server sandbox: rlimits only (no filesystem or network isolation), because %s "
+                         "and %s", bwrap_why, ns_why)
+    return mode
 
 
 @dataclass
@@ -224,7 +331,9 @@ class ServerLimits:
     memory_mb: int = 4096  # RLIMIT_AS: address space; a huge allocation raises MemoryError inside the server
     open_files: int = 256  # RLIMIT_NOFILE
     file_size_mb: int = 256  # RLIMIT_FSIZE: largest file the server may write (its DB snapshots and logs)
-    isolate: str = "auto"  # "auto": namespaces when supported; "namespaces": required; "none": rlimits only
+    # "auto": bwrap if usable, else namespaces, else rlimits only (WARNING logged); "bwrap" / "namespaces": required;
+    # "none": rlimits only
+    isolate: str = "auto"
     hide_paths: tuple = ()  # extra directories to hide (tmpfs) from the server, besides the trainer's checkout
 
 
@@ -247,9 +356,11 @@ def _child_setup(limits: ServerLimits):
     return apply
 
 
-# Runs inside the AppWorld venv: hide directories, then serve AppWorld's environment app on the Unix socket.
-_LAUNCHER = r'''
-import ctypes, json, os, sys
+# Runs inside the AppWorld venv: hide directories (namespaces mode), load every app once (the first AppWorld world
+# imports ~500 FastAPI routes, ~8 CPU s; later worlds take ~0.2 s), then serve AppWorld's environment app on the
+# Unix socket. The socket appears only once the warm-up is done, so "ready" means "/initialize is fast".
+_LAUNCHER = r"""
+import ctypes, json, os, sys, time
 cfg = json.loads(sys.argv[1])
 if cfg["hide"]:
     libc = ctypes.CDLL(None, use_errno=True)
@@ -261,23 +372,104 @@ if cfg["hide"]:
 os.chdir(cfg["workdir"])
 import uvicorn
 from appworld.serve.environment import app  # the app `appworld serve environment` runs
+if cfg.get("warm_task"):
+    started = time.process_time()
+    try:
+        from appworld.environment import AppWorld
+        AppWorld(task_id=cfg["warm_task"], experiment_name="_warmup").close()
+        print(f"appworld server: warm-up done ({time.process_time() - started:.1f} CPU s)", file=sys.stderr)
+    except Exception as exc:  # the first /initialize then pays the cost instead
+        print(f"appworld server: warm-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 uvicorn.run(app, uds=cfg["socket"], log_level="warning", access_log=False)
-'''
+"""
+
+
+def _checkout_and_cwd() -> list[str]:
+    import verl_hindsight
+
+    return [os.path.dirname(os.path.dirname(os.path.abspath(verl_hindsight.__file__))), os.getcwd()]
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
 def _default_hide_paths(keep: list[str]) -> list[str]:
-    """The trainer's checkout and working directory, unless the server needs something inside them."""
-    import verl_hindsight
-
-    cands = {os.path.dirname(os.path.dirname(os.path.abspath(verl_hindsight.__file__))), os.getcwd()}
+    """Namespaces mode: the trainer's checkout and working directory, unless the server needs something inside."""
     out = []
-    for path in sorted(cands):
+    for path in sorted(set(_checkout_and_cwd())):
         path = os.path.realpath(path)
         if path in ("/", os.path.realpath(os.path.expanduser("~"))) or not os.path.isdir(path):
             continue
-        if any(os.path.realpath(k) == path or os.path.realpath(k).startswith(path + os.sep) for k in keep):
+        if any(_under(os.path.realpath(k), path) for k in keep):
             continue
         out.append(path)
+    return out
+
+
+def _python_homes(venv: str) -> list[str]:
+    """Where the venv's interpreter really lives (the python install it links to), from ``pyvenv.cfg``."""
+    homes = [os.path.dirname(os.path.dirname(os.path.realpath(os.path.join(venv, "bin", "python"))))]
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg")) as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "home" and value.strip():
+                    homes.append(os.path.dirname(os.path.realpath(value.strip())))
+    except OSError:
+        pass
+    return homes
+
+
+def bwrap_command(workdir: str, keep: list[str], hide_paths=(), flags: Optional[tuple] = None) -> list[str]:
+    """The bwrap prefix of a server: the whole system read-only, fresh ``/dev`` and ``/proc``, ``workdir`` the only
+    writable directory, empty read-only tmpfs over ``/tmp``, ``/var/tmp``, ``/run``, the trainer's checkout, its
+    working directory, ``$HOME`` and ``hide_paths``, with the ``keep`` directories (venv, python, data; read-only)
+    put back where they lie under a hidden one; all namespaces new (no network), no capabilities, dies with its
+    parent. Mounts are applied parents first, so a directory kept or hidden inside another stays so."""
+    if flags is None:
+        flags = bwrap_support()[2] or _BWRAP_VARIANTS[-1]
+    hides = {"/tmp", "/var/tmp", "/run", os.path.expanduser("~"), *_checkout_and_cwd(), *hide_paths}
+    hides = {os.path.realpath(p) for p in hides if p and os.path.isdir(p)}
+    hides.discard("/")
+    workdir = os.path.realpath(workdir)
+    keep = {os.path.realpath(k) for k in keep if k and os.path.exists(k)}
+
+    def needed(k: str) -> bool:  # under a hidden directory, and not already inside another kept one
+        return any(_under(k, h) for h in hides) and not _under(k, workdir) and not any(
+            k2 != k and _under(k, k2) and not any(_under(k, h) and _under(h, k2) and h != k2 for h in hides)
+            for k2 in keep)
+
+    ops = [(p, "hide") for p in hides] + [(k, "keep") for k in keep if needed(k)]
+    ops.append((workdir, "work"))
+    order = {"hide": 0, "keep": 1, "work": 2}
+    ops.sort(key=lambda op: (op[0].rstrip(os.sep).count(os.sep), order[op[1]], op[0]))
+    cmd = [shutil.which("bwrap") or "bwrap", *flags, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for path, kind in ops:
+        cmd += {"hide": ["--tmpfs", path], "keep": ["--ro-bind", path, path], "work": ["--bind", path, path]}[kind]
+    for path, kind in ops:  # after every mount point exists: make the hiding tmpfs read-only too
+        if kind == "hide":
+            cmd += ["--remount-ro", path]
+    return cmd
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a bwrap server's python runs two levels below the bwrap we started)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
     return out
 
 
@@ -336,18 +528,50 @@ def _close_all_servers() -> None:
 atexit.register(_close_all_servers)
 
 
+# Time limits, from benchmarks/appworld_start_time.py (2 cores, two servers starting at once; see
+# docs/benchmarks/appworld.md): a server is ready (imports + warm-up, ~8 CPU s) in ~12 s idle, ~21 s (max 24) with
+# two busy loops, ~50 s (max 52) with eight; /initialize of a warm server takes 0.2-1.2 s. Wide margins: a slow
+# start on a busy machine is not a fault.
+READY_TIMEOUT_S = 240.0
+INITIALIZE_TIMEOUT_S = 120.0
+
+
+def _warm_task(data_root: str) -> Optional[str]:
+    """A task id to warm a new server with: the first line of the first dataset file."""
+    folder = os.path.join(data_root, "data", "datasets")
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".txt"))
+        names.sort(key=lambda n: n != "train.txt")
+        for name in names:
+            with open(os.path.join(folder, name)) as f:
+                for line in f:
+                    if line.strip():
+                        return line.strip().split(":")[0]
+    except OSError:
+        pass
+    return None
+
+
 @dataclass(eq=False)
 class AppWorldServer:
-    """One ``appworld serve environment`` process, restartable. Not thread-safe: one episode at a time."""
+    """One ``appworld serve environment`` process, restartable. Not thread-safe: one episode at a time.
+
+    :meth:`start` returns at once; the server imports AppWorld and warms up (``warmup``: one throw-away world of
+    the first dataset task, so every app is loaded) before it opens its socket, and :meth:`wait_ready` waits up to
+    ``start_timeout_s`` for that. Start it ahead of need; a slow start on a busy machine is not a fault.
+    """
 
     venv: Optional[str] = None
     data_root: Optional[str] = None  # resolved AppWorld root (real or generated); its data/ is linked read-only
     limits: ServerLimits = field(default_factory=ServerLimits)
-    start_timeout_s: float = 60.0
+    start_timeout_s: float = READY_TIMEOUT_S
+    warmup: bool = True
     proc: Optional[subprocess.Popen] = None
     workdir: Optional[str] = None
     restarts: int = 0
-    sandbox: str = "none"
+    sandbox: Optional[str] = None  # "bwrap", "namespaces" or "rlimits" once started
+    started_at: Optional[float] = None
+    ready_s: Optional[float] = None  # start -> ready of the current process
 
     def __post_init__(self):
         if not is_set_up(self.venv):
@@ -372,41 +596,47 @@ class AppWorldServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.alive()
+
     def start(self) -> None:
         """Launch the process (returns at once; :meth:`wait_ready` waits for the socket)."""
         self.stop()
+        sandbox = choose_sandbox(self.limits.isolate)
         base = os.path.join(tempfile.gettempdir(), "verl-hindsight-appworld")
         os.makedirs(base, exist_ok=True)
         _sweep_stale_workdirs(base)
-        self.workdir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
+        self.workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
         # The server's own AppWorld root: data/ links to the tasks (read only by AppWorld), experiment outputs
         # (DB snapshots, logs) are written here, so concurrent servers never share files.
         root = os.path.join(self.workdir, "root")
         os.makedirs(os.path.join(root, "experiments", "outputs"))
-        os.symlink(os.path.join(self.data_root, "data"), os.path.join(root, "data"))
+        data_root = os.path.realpath(self.data_root)
+        os.symlink(os.path.join(data_root, "data"), os.path.join(root, "data"))
         with open(os.path.join(self.workdir, "owner.pid"), "w") as f:
             f.write(str(os.getpid()))
-        env = {"PATH": os.path.join(venv_dir(self.venv), "bin") + os.pathsep + "/usr/bin:/bin",
+        venv = os.path.realpath(venv_dir(self.venv))
+        python = os.path.join(venv, "bin", "python")
+        env = {"PATH": os.path.join(venv, "bin") + os.pathsep + "/usr/bin:/bin",
                "HOME": self.workdir, "APPWORLD_ROOT": root, "TMPDIR": self.workdir,
-               "APPWORLD_CACHE": os.path.join(venv_dir(self.venv), APPWORLD_CACHE),
+               "APPWORLD_CACHE": os.path.join(venv, APPWORLD_CACHE),
                "MALLOC_ARENA_MAX": "2", "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
         hide: list[str] = []
-        cmd = [venv_python(self.venv)]
-        mode = self.limits.isolate
-        if mode not in ("auto", "namespaces", "none"):
-            raise ValueError(f"isolate must be auto, namespaces or none, got {mode!r}")
-        if mode == "namespaces" and not namespaces_supported():
-            raise AppWorldSetupError("isolate='namespaces' but `unshare --user --net --mount` is not permitted here")
-        if mode != "none" and namespaces_supported():
-            keep = [venv_dir(self.venv), self.data_root, self.workdir, os.path.realpath(self.data_root)]
+        cmd = [python]
+        if sandbox == "bwrap":
+            keep = [venv, data_root, *_python_homes(venv)]
+            cmd = bwrap_command(self.workdir, keep, self.limits.hide_paths) + ["--chdir", self.workdir] + cmd
+        elif sandbox == "namespaces":
+            keep = [venv, self.data_root, self.workdir, data_root]
             hide = _default_hide_paths(keep) + [os.path.realpath(p) for p in self.limits.hide_paths
                                                 if os.path.isdir(p)]
             cmd = [shutil.which("unshare"), "--user", "--map-root-user", "--net", "--mount"] + cmd
-            self.sandbox = "namespaces"
-        else:
-            self.sandbox = "rlimits"
-        cfg = {"socket": self.socket_path, "workdir": self.workdir, "hide": hide}
+        self.sandbox = sandbox
+        cfg = {"socket": self.socket_path, "workdir": self.workdir, "hide": hide,
+               "warm_task": _warm_task(data_root) if self.warmup else None}
         self._log = open(os.path.join(self.workdir, "server.log"), "wb")
+        self.started_at, self.ready_s = time.monotonic(), None
         self.proc = subprocess.Popen(cmd + ["-c", _LAUNCHER, json.dumps(cfg)], cwd=self.workdir, env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=_child_setup(self.limits), start_new_session=True)
@@ -419,26 +649,37 @@ class AppWorldServer:
         except (OSError, TypeError):
             return ""
 
+    def exit_code(self) -> Optional[int]:
+        """The server's exit status, ``-N`` when killed by signal N (bwrap reports that as ``128 + N``)."""
+        code = None if self.proc is None else self.proc.poll()
+        if code is not None and self.sandbox == "bwrap" and code > 128:
+            code = 128 - code
+        return code
+
     def wait_ready(self, timeout_s: Optional[float] = None) -> None:
+        """Wait until the server answers (started if needed): ``server_start_failed`` if it exits,
+        ``server_start_timeout`` past ``timeout_s`` (default ``start_timeout_s``)."""
         if self._ready and self.alive():
             return
         if self.proc is None:
             self.start()
-        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        limit = timeout_s or self.start_timeout_s
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if not self.alive():
-                raise ServerError("server_start_failed",
-                                  f"exit code {self.proc.returncode}; log: {self.log_tail()}")
+                raise ServerError("server_start_failed", f"exit code {self.exit_code()}; log: {self.log_tail()}")
             if os.path.exists(self.socket_path):
                 try:
-                    self.client.request("GET", "/", None, timeout_s=5)
+                    self.client.request("GET", "/", None, timeout_s=max(1.0, min(30.0, deadline - time.monotonic())))
                     self._ready = True
+                    self.ready_s = time.monotonic() - self.started_at
                     return
                 except ServerError:
                     pass
             time.sleep(0.1)
+        waited = time.monotonic() - self.started_at
         self.stop()
-        raise ServerError("server_start_failed", f"not ready within {timeout_s or self.start_timeout_s:.0f}s")
+        raise ServerError("server_start_timeout", f"not ready within {limit:.0f}s ({waited:.0f}s since start)")
 
     def healthy(self, timeout_s: float = 5.0) -> bool:
         if not self.alive() or not self._ready:
@@ -449,13 +690,21 @@ class AppWorldServer:
         except ServerError:
             return False
 
+    def server_pids(self) -> list[int]:
+        """The processes of this server: the one started (python, unshare'd python, or bwrap) and its children."""
+        return _process_tree(self.proc.pid) if self.alive() else []
+
     def cpu_seconds(self) -> float:
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError, AttributeError):
-            return 0.0
+        """CPU seconds of the server's busiest process (its python; what ``RLIMIT_CPU`` limits)."""
+        total = 0.0
+        for pid in self.server_pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total = max(total, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
 
     def restart(self) -> None:
         """Kill and relaunch (non-blocking; the next call waits for readiness)."""
@@ -471,7 +720,8 @@ class AppWorldServer:
                 except (ProcessLookupError, PermissionError):
                     self.proc.kill()
             try:
-                code = self.proc.wait(timeout=10)
+                self.proc.wait(timeout=10)
+                code = self.exit_code()
             except subprocess.TimeoutExpired:
                 pass
             self.proc = None
@@ -520,7 +770,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_serve = sub.add_parser("serve", help="run one sandboxed AppWorld environment server in the foreground")
     p_serve.add_argument("--venv", default=None)
     p_serve.add_argument("--data-root", default=None)
-    p_serve.add_argument("--isolate", default="auto", choices=("auto", "namespaces", "none"))
+    p_serve.add_argument("--isolate", default="auto", choices=ISOLATION_MODES,
+                         help="auto: bwrap if usable, else namespaces, else rlimits only (default)")
     sub.add_parser("info", help="paths, setup state and sandbox support")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -549,9 +800,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 server.stop()
         elif args.command == "info":
             root, real = resolve_data_root(None, None)
+            bw_ok, bw_why, _ = bwrap_support()
+            ns_ok, ns_why = namespaces_support()
             print(json.dumps({"venv": venv_dir(), "set_up": is_set_up(), "appworld": APPWORLD_REQUIREMENT,
-                              "data_root": root, "user_data": real, "namespaces": namespaces_supported()},
-                             indent=1))
+                              "data_root": root, "user_data": real, "bwrap": bw_ok or bw_why,
+                              "namespaces": ns_ok or ns_why, "sandbox": choose_sandbox("auto")}, indent=1))
     except AppWorldSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
