@@ -646,6 +646,28 @@ def _count(metrics: dict, prefix: str, result) -> None:
         metrics[f"hindsight/{prefix}_{note}"] += 1
 
 
+async def _ask_eligible(prefix: str, trajectories: Sequence[Trajectory], answer_fn: AnswerFn, only_failed: bool,
+                        concurrency: int, messages: Callable[[Trajectory], Messages],
+                        wanted: Callable[[Trajectory], bool] = lambda t: True) -> tuple[dict[int, Any], dict]:
+    """Ask about every eligible trajectory (``wanted`` narrows it further); ``(answer text per index, metrics)`` with
+    ``{prefix}_calls``, ``_skipped`` and raised answers counted as ``answer_error`` (and left out)."""
+    metrics = _empty_metrics(prefix)
+    items = []
+    for i, t in enumerate(trajectories):
+        if _eligible(t, only_failed) and wanted(t):
+            items.append((i, messages(t)))
+        else:
+            metrics[f"hindsight/{prefix}_skipped"] += 1
+    metrics[f"hindsight/{prefix}_calls"] = len(items)
+    texts = {}
+    for i, answer in (await _answers(items, answer_fn, concurrency)).items():
+        if isinstance(answer, BaseException):
+            metrics[f"hindsight/{prefix}_failure/{ANSWER_ERROR}"] += 1
+        else:
+            texts[i] = answer
+    return texts, metrics
+
+
 async def arun_analyzer(
     trajectories: Sequence[Trajectory],
     answer_fn: AnswerFn,
@@ -657,20 +679,11 @@ async def arun_analyzer(
 ) -> tuple[dict[int, list[tuple[int, str]]], dict[str, float]]:
     """Async :func:`run_analyzer`."""
     k_eff = 1 if variant == "single" else k  # the single variant asks for the first mistake only
-    metrics = _empty_metrics("analyzer")
-    items = []
-    for i, t in enumerate(trajectories):
-        if _eligible(t, only_failed):
-            items.append((i, analyzer_messages(t, k=k_eff, variant=variant, max_chars=max_chars)))
-        else:
-            metrics["hindsight/analyzer_skipped"] += 1
-    metrics["hindsight/analyzer_calls"] = len(items)
-    answers = await _answers(items, answer_fn, concurrency)
+    answers, metrics = await _ask_eligible(
+        "analyzer", trajectories, answer_fn, only_failed, concurrency,
+        lambda t: analyzer_messages(t, k=k_eff, variant=variant, max_chars=max_chars))
     out: dict[int, list[tuple[int, str]]] = {}
     for i, answer in answers.items():
-        if isinstance(answer, BaseException):
-            metrics[f"hindsight/analyzer_failure/{ANSWER_ERROR}"] += 1
-            continue
         turns = trajectories[i].turns
         result = parse_analyzer_answer(answer, len(turns), k_eff)
         _count(metrics, "analyzer", result)
@@ -706,20 +719,10 @@ async def arun_reflector(
     max_chars: int = 12000,
 ) -> tuple[dict[int, list[TurnDiagnosis]], dict[str, float]]:
     """Async :func:`run_reflector`."""
-    metrics = _empty_metrics("reflector")
-    items = []
-    for i, t in enumerate(trajectories):
-        if _eligible(t, only_failed):
-            items.append((i, reflector_messages(t, max_chars=max_chars)))
-        else:
-            metrics["hindsight/reflector_skipped"] += 1
-    metrics["hindsight/reflector_calls"] = len(items)
-    answers = await _answers(items, answer_fn, concurrency)
+    answers, metrics = await _ask_eligible("reflector", trajectories, answer_fn, only_failed, concurrency,
+                                           lambda t: reflector_messages(t, max_chars=max_chars))
     out: dict[int, list[TurnDiagnosis]] = {}
     for i, answer in answers.items():
-        if isinstance(answer, BaseException):
-            metrics[f"hindsight/reflector_failure/{ANSWER_ERROR}"] += 1
-            continue
         turns = trajectories[i].turns
         result = parse_reflector_answer(answer, len(turns))
         _count(metrics, "reflector", result)
@@ -773,20 +776,11 @@ async def arun_judge(
     """SERL judge over a batch: ``{traj_index: summary}`` and ``hindsight/judge_*`` metrics. Episodes with no
     action turn are skipped (the summary would reach no token); a raised or unusable answer is counted, never
     raised, and leaves the trajectory out."""
-    metrics = _empty_metrics("judge")
-    items = []
-    for i, t in enumerate(trajectories):
-        if _eligible(t, only_failed) and any(turn.has_action for turn in t.turns):
-            items.append((i, judge_messages(t, max_chars=max_chars)))
-        else:
-            metrics["hindsight/judge_skipped"] += 1
-    metrics["hindsight/judge_calls"] = len(items)
-    answers = await _answers(items, answer_fn, concurrency)
+    answers, metrics = await _ask_eligible("judge", trajectories, answer_fn, only_failed, concurrency,
+                                           lambda t: judge_messages(t, max_chars=max_chars),
+                                           wanted=lambda t: any(turn.has_action for turn in t.turns))
     out: dict[int, str] = {}
     for i, answer in answers.items():
-        if isinstance(answer, BaseException):
-            metrics[f"hindsight/judge_failure/{ANSWER_ERROR}"] += 1
-            continue
         summary, failure, notes = parse_judge_answer(answer)
         if failure:
             metrics["hindsight/judge_parse_failures"] += 1
