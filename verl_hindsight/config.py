@@ -332,6 +332,8 @@ class HindsightConfig(BaseConfig):
             raise ValueError(f"hindsight.analyzer.role={self.analyzer.role} asks a model about every episode but "
                              f"nothing reads its answer: add {reader} to hindsight.feedback.source, or set "
                              "hindsight.analyzer.role=none")
+        if self.enable and lora_enabled(config):
+            self._validate_lora(config)
         if estimator == "serl":
             serl = load_serl_config(_get(config, "algorithm", default=None))
             if self.env.history_turns is not None and serl.base_estimator not in MULTI_ROW_BASE_ESTIMATORS:
@@ -339,6 +341,19 @@ class HindsightConfig(BaseConfig):
                                  f"={self.env.history_turns}: an episode spans several rows and verl's V1 trainer "
                                  f"broadcasts the advantage over them only for {MULTI_ROW_BASE_ESTIMATORS}; use one of "
                                  "those or history_turns=null")
+
+
+    def _validate_lora(self, config: Any) -> None:
+        """What LoRA changes: verl's reference is the base with the adapter off, a moving teacher is a second adapter
+        (:mod:`verl_hindsight.trainer.teacher_weights`), and the ``hf`` rollout takes merged weights only."""
+        if self.teacher.moves and self.teacher.kl_anchor == "teacher" and kl_to_reference(config):
+            raise ValueError(f"hindsight.teacher.kl_anchor=teacher with LoRA and a {self.teacher.kind} teacher: verl "
+                             "scores the KL reference as the base model with the adapter off, so it cannot follow "
+                             "the teacher adapter; use hindsight.teacher.kl_anchor=initial (the base stays the anchor)")
+        rollout = str(_get(config, "actor_rollout_ref", "rollout", "name", default=""))
+        if rollout == "hf" and not _get(config, "actor_rollout_ref", "model", "lora", "merge", default=False):
+            raise ValueError("actor_rollout_ref.rollout.name=hf with LoRA serves merged weights only: set "
+                             "actor_rollout_ref.model.lora.merge=true")
 
 
 @dataclass
@@ -372,6 +387,23 @@ def _get(config: Any, *keys: str, default: Any = None) -> Any:
             return default
         node = node.get(key, None) if hasattr(node, "get") else getattr(node, key, None)
     return default if node is None else node
+
+
+def lora_enabled(config: Any) -> bool:
+    """Whether verl trains a LoRA adapter, by verl's own rule (``trainer_base``: ``model.lora.rank`` or
+    ``model.lora_rank`` > 0, or a ``lora_adapter_path``): verl then keeps the reference model inside the actor as
+    the base with the adapter switched off (``ref_in_actor``)."""
+    model = _get(config, "actor_rollout_ref", "model", default={})
+    rank = _get(model, "lora", "rank", default=0) or 0
+    if rank <= 0:
+        rank = _get(model, "lora_rank", default=0) or 0
+    return rank > 0 or _get(model, "lora_adapter_path") is not None
+
+
+def kl_to_reference(config: Any) -> bool:
+    """Whether the run has a KL to the reference model (the anchor a moving teacher must not drag along)."""
+    return bool(_get(config, "actor_rollout_ref", "actor", "use_kl_loss", default=False)) or \
+        bool(_get(config, "algorithm", "use_kl_in_reward", default=False))
 
 
 def _to_dataclass(block: Any, cls: type, name: str):

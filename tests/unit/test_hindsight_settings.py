@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from verl_hindsight.agent_loops.hindsight_answers import answer_metrics
-from verl_hindsight.config import FeedbackConfig, TargetConfig, load_hindsight_config
+from verl_hindsight.config import FeedbackConfig, TargetConfig, load_hindsight_config, lora_enabled
 from verl_hindsight.hindsight.feedback import compute_feedback
 from verl_hindsight.hindsight.records import Trajectory
 from verl_hindsight.hindsight.stage import analyzer_picks_of
@@ -108,8 +108,9 @@ def test_every_shipped_recipe_composes_and_validates():
 
     root = recipes_dir()
     recipes = [p for p in root.rglob("*.yaml")
-               if p.parent.name not in ("methods", "common") and not p.stem.endswith(("_common", "_defaults"))]
-    assert {"serl", "hint_sd", "hero", "grpo"} <= {p.stem for p in recipes}
+               if p.parent.name not in ("methods", "common", "toy_methods")
+               and not p.stem.endswith(("_common", "_defaults"))]
+    assert {"serl", "hint_sd", "hero", "grpo", "serl_lora", "hint_sd_lora"} <= {p.stem for p in recipes}
     for path in recipes:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
             # hindsight.* without a `+`: every recipe includes hindsight_defaults.yaml
@@ -117,9 +118,11 @@ def test_every_shipped_recipe_composes_and_validates():
                                                             "hindsight.dump_rows=3"])
         settings = load_hindsight_config(cfg)
         assert settings.dump_rows == 3, path
-        method = path.stem.removeprefix("toy_")
+        method = path.stem.removeprefix("toy_").removesuffix("_lora")
         if method in ("serl", "hint_sd", "hero"):
             assert settings.enable, path
+        # a LoRA recipe trains an adapter (so verl keeps the reference inside the actor); the others do not
+        assert lora_enabled(cfg) == path.stem.endswith("_lora"), path
         assert (str(cfg.algorithm.adv_estimator) == "serl") == (method == "serl"), path
 
 
@@ -183,3 +186,45 @@ def test_serl_base_estimator_must_broadcast_over_multi_row_episodes():
         load_hindsight_config(cfg)
     cfg.algorithm.serl = {"base_estimator": "grpo"}
     assert load_hindsight_config(cfg).env.history_turns == 2
+
+
+def _lora_cfg(model: dict, rollout: str = "vllm", kl: bool = True, **hindsight):
+    cfg = _cfg(enable=True, distill={"coef": 1.0}, **hindsight)
+    cfg.actor_rollout_ref = {"model": model, "rollout": {"name": rollout}, "actor": {"use_kl_loss": kl}}
+    return cfg
+
+
+@pytest.mark.parametrize("model, expected", [
+    ({}, False), ({"lora_rank": 0}, False), ({"lora_rank": 8}, True), ({"lora": {"rank": 16}}, True),
+    ({"lora": {"rank": 0}, "lora_rank": 4}, True), ({"lora_adapter_path": "/adapters/a"}, True)])
+def test_lora_is_detected_by_verl_s_own_rule(model, expected):
+    """verl keeps the reference inside the actor under LoRA (no ActorRolloutRef role although the run needs a
+    reference); the plugin's rule must agree with verl's role choice, run here on the same config."""
+    from types import SimpleNamespace
+
+    from verl.trainer.ppo.utils import Role
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from verl_hindsight.config import lora_enabled
+
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=["actor_rollout_ref.actor.use_kl_loss=true"])
+    cfg.actor_rollout_ref.model.merge_with(model)
+    state = SimpleNamespace(config=cfg)
+    PPOTrainer._init_resource_pool_mgr(state)
+    reference_in_actor = Role.ActorRollout in state.role_worker_mapping
+    assert reference_in_actor == (Role.ActorRolloutRef not in state.role_worker_mapping)
+    assert lora_enabled(cfg) is expected is reference_in_actor
+
+
+def test_lora_settings_that_cannot_work_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="kl_anchor=initial"):
+        load_hindsight_config(_lora_cfg({"lora_rank": 8}, teacher={"kind": "ema", "kl_anchor": "teacher"}))
+    with pytest.raises(ValueError, match="actor_rollout_ref.model.lora.merge=true"):
+        load_hindsight_config(_lora_cfg({"lora_rank": 8}, rollout="hf"))
+    # what does work: every teacher kind on its adapter, kl_anchor=teacher without a KL, hf with merged weights
+    for kind in ("frozen", "ema", "lagged", "live"):
+        load_hindsight_config(_lora_cfg({"lora_rank": 8, "lora": {"merge": True}}, rollout="hf", teacher={"kind": kind}))
+    load_hindsight_config(_lora_cfg({"lora_rank": 8}, kl=False, teacher={"kind": "ema", "kl_anchor": "teacher"}))

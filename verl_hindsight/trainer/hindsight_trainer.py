@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -40,19 +41,13 @@ import torch
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from verl_hindsight.config import TRAINER_MODE
+from verl_hindsight.config import TRAINER_MODE, kl_to_reference, lora_enabled
 from verl_hindsight.trainer import batch_io as io
 from verl_hindsight.trainer.rollout_metrics import batch_rollout_metrics
 from verl_hindsight.trainer.teacher_weights import TeacherWeights
 
 logger = logging.getLogger(__name__)
 
-
-
-def _kl_to_reference(config) -> bool:
-    """Whether the run has a KL to the reference model (the anchor a moving teacher must not drag along)."""
-    return bool(config.actor_rollout_ref.actor.get("use_kl_loss", False)) or \
-        bool(config.algorithm.get("use_kl_in_reward", False))
 
 
 @contextmanager
@@ -84,7 +79,8 @@ class HindsightTrainer(PPOTrainerSync):
         self.serl = None
         if str(config.algorithm.adv_estimator) == "serl":
             self.serl = load_serl_config(config.algorithm)
-        self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, _kl_to_reference(config))
+        self.teacher_weights = TeacherWeights(self.hs.teacher, self.hs.enable, kl_to_reference(config),
+                                              lora=lora_enabled(config))
         super().__init__(config)
 
     # ------------------------------------------------------------------ construction
@@ -108,12 +104,9 @@ class HindsightTrainer(PPOTrainerSync):
         if Role.Actor in self.role_worker_mapping:
             raise ValueError("the hindsight stage needs verl's hybrid actor/rollout worker (it scores teachers and "
                              "installs the distillation loss there); standalone rollout replicas are not supported")
-        lora = self.config.actor_rollout_ref.model.get("lora", {}).get("rank", 0) or \
-            self.config.actor_rollout_ref.model.get("lora_rank", 0)
-        if lora and self.hs.teacher.moves:
-            raise ValueError(f"hindsight.teacher.kind={self.hs.teacher.kind} is not supported with LoRA (the "
-                             "reference model is the adapter-free base); use kind=frozen or kind=live")
-        # frozen/ema/lagged teachers are the worker's reference model: make sure the worker builds one
+        lora = lora_enabled(self.config)  # verl sets its own ref_in_actor from the same rule after this method
+        # frozen/ema/lagged teachers are the worker's reference model (under LoRA: the actor's base and a teacher
+        # adapter): make sure the worker builds one
         role = Role.ActorRolloutRef if Role.ActorRolloutRef in self.role_worker_mapping else Role.ActorRollout
         if self.hs.teacher.uses_reference_model and not lora and role == Role.ActorRollout:
             del self.role_worker_mapping[Role.ActorRollout]
@@ -123,10 +116,13 @@ class HindsightTrainer(PPOTrainerSync):
 
     def on_init_end(self):
         super().on_init_end()
+        if lora_enabled(self.config) != self.ref_in_actor:
+            raise RuntimeError("verl's rule for keeping the reference inside the actor (ref_in_actor) no longer "
+                               "matches verl_hindsight.config.lora_enabled; update it for this verl version")
         if self.hs.distill.enabled:
             self.actor_rollout_wg.hs_install_distill_loss(self.hs.distill)
         self.teacher_weights.ensure_copy(self.actor_rollout_wg)
-        if self.teacher_weights.moving and self.hs.teacher.kl_anchor == "teacher" and _kl_to_reference(self.config):
+        if self.teacher_weights.moving and self.hs.teacher.kl_anchor == "teacher" and kl_to_reference(self.config):
             logger.warning("hindsight: kl_anchor=teacher: the KL to the reference follows the %s teacher, so it no "
                            "longer holds the policy near its start (hindsight.teacher.kl_anchor=initial keeps it "
                            "there)", self.hs.teacher.kind)
@@ -136,8 +132,6 @@ class HindsightTrainer(PPOTrainerSync):
         batch = super()._compute_old_log_prob(batch, metrics)
         metrics.update(batch_rollout_metrics(batch, self.hs.enable))
         if self.hs.enable:
-            import time
-
             start = time.perf_counter()
             metrics.update(self._hindsight_stage(batch))
             metrics["timing_s/hindsight_stage"] = time.perf_counter() - start
@@ -199,9 +193,15 @@ class HindsightTrainer(PPOTrainerSync):
         if self._stage_active():
             scorers = ({"topk_scorer": self._teacher_scorer(topk=True), "topk": k} if self._uses_topk
                        else {"scorer": self._teacher_scorer()})
+            start = time.perf_counter()
             with self.teacher_weights.in_reference(self.actor_rollout_wg):
+                swapped_in = time.perf_counter()
                 result = run_stage(rows, feedback_config=self.hs.feedback, target_config=self.hs.targets,
                                    teacher_config=teacher, renderer=self._renderer(), **scorers)
+                swapping_out = time.perf_counter()
+            # a moving teacher's own weights in and out of the slot the pass reads (timing_s/hindsight_teacher: the
+            # pass itself)
+            metrics["timing_s/hindsight_teacher_swap"] = (swapped_in - start) + (time.perf_counter() - swapping_out)
             mapped = result.rows
             metrics.update(result.metrics)
             self._hs_feedback = result.inserted_feedback
@@ -225,9 +225,13 @@ class HindsightTrainer(PPOTrainerSync):
         metrics = {}
         with self.teacher_weights.in_reference(self.actor_rollout_wg):
             metrics["hindsight/teacher_probe_logprob"] = float(self._teacher_scorer()([probe])[0].sum())
-        if self.hs.teacher.uses_reference_model and not self.ref_in_actor:
+        if self.hs.teacher.uses_reference_model:
+            from verl_hindsight.trainer.teacher_pass import reference_scorer
+
             # constant unless the anchor moves (kl_anchor=teacher)
-            metrics["hindsight/reference_probe_logprob"] = float(self._teacher_scorer()([probe])[0].sum())
+            scorer = reference_scorer(self.config.actor_rollout_ref, self.actor_rollout_wg,
+                                      ref_in_actor=self.ref_in_actor)
+            metrics["hindsight/reference_probe_logprob"] = float(scorer([probe])[0].sum())
         return metrics
 
     def _compute_advantage(self, batch, metrics: dict):

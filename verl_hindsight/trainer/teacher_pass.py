@@ -100,16 +100,26 @@ def worker_topk_scorer(call: Callable, *, k: int, temperature: float, dp_size: i
 def teacher_scorer(actor_rollout_ref, teacher, wg, *, ref_in_actor: bool, topk: int = 0):
     """The scorer for ``hindsight.teacher`` on the worker group ``wg``.
 
-    frozen/EMA/lagged teachers are the reference model (``compute_ref_log_prob``; with LoRA, where verl keeps the
-    reference inside the actor, the actor with its adapter switched off), the live one is the actor; ``topk > 0``
-    picks the hindsight worker's top-k variant of the same pass (``topk_tail`` loss).
+    frozen/EMA/lagged teachers are the reference model (``compute_ref_log_prob``); with LoRA, where verl keeps the
+    reference inside the actor, they are the actor: with its adapter switched off (frozen: the base model), or with
+    the teacher adapter swapped into it (EMA/lagged, :class:`.teacher_weights.TeacherWeights`). The live teacher is
+    the actor. ``topk > 0`` picks the hindsight worker's top-k variant of the same pass (``topk_tail`` loss).
     """
-    on_ref = teacher.uses_reference_model and not ref_in_actor
+    return _pass(actor_rollout_ref, wg, on_ref=teacher.uses_reference_model and not ref_in_actor,
+                 adapter_off=ref_in_actor and teacher.kind == "frozen", topk=topk)
+
+
+def reference_scorer(actor_rollout_ref, wg, *, ref_in_actor: bool):
+    """The KL anchor's scorer: the reference model, or with LoRA the actor with its adapter off (verl's own
+    reference pass under LoRA)."""
+    return _pass(actor_rollout_ref, wg, on_ref=not ref_in_actor, adapter_off=ref_in_actor, topk=0)
+
+
+def _pass(actor_rollout_ref, wg, *, on_ref: bool, adapter_off: bool, topk: int):
     block = actor_rollout_ref.ref if on_ref else actor_rollout_ref.rollout
     micro = None if block.get("log_prob_use_dynamic_bsz", False) else block.get("log_prob_micro_batch_size_per_gpu")
-    extra = {"no_lora_adapter": True} if teacher.uses_reference_model and not on_ref else None
     kwargs = dict(temperature=actor_rollout_ref.rollout.temperature, dp_size=wg.world_size, micro_batch_size=micro,
-                  extra_meta=extra)
+                  extra_meta={"no_lora_adapter": True} if adapter_off else None)
     if topk:
         return worker_topk_scorer(wg.hs_compute_ref_topk if on_ref else wg.hs_compute_actor_topk, k=topk, **kwargs)
     return worker_scorer(wg.compute_ref_log_prob if on_ref else wg.compute_log_prob, **kwargs)

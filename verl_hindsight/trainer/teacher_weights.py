@@ -4,7 +4,15 @@ the policy, and how it is saved with verl's checkpoints.
 A frozen, EMA or lagged teacher is the worker's reference model (:mod:`.teacher_worker`). When the run also has a KL
 to the reference and the teacher moves, the reference model must stay the initial policy (the KL anchor), so the
 teacher gets a copy of the weights of its own, swapped into the reference model for the teacher pass only
-(``hindsight.teacher.kl_anchor=initial``). The worker methods named ``hs_*`` do the tensor work on every rank.
+(``hindsight.teacher.kl_anchor=initial``).
+
+With LoRA, verl keeps the reference inside the actor: the base model with the adapter switched off. The frozen
+teacher is exactly that (no weights of its own), and a moving teacher is a second adapter: a copy of the actor's
+trainable (adapter) tensors, swapped into the actor's adapter for the teacher pass only and updated from the
+trained adapter (EMA lerp or periodic copy of each LoRA factor, as HINT-SD's released code does). It costs the
+adapter's bytes, not a model's, and the KL anchor stays the base.
+
+The worker methods named ``hs_*`` do the tensor work on every rank.
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ STATE_FILE = "teacher_state.json"
 
 
 class TeacherWeights:
-    def __init__(self, teacher: TeacherConfig, stage_enabled: bool, kl_to_reference: bool):
+    def __init__(self, teacher: TeacherConfig, stage_enabled: bool, kl_to_reference: bool, lora: bool = False):
         self.teacher = teacher
         self.moving = stage_enabled and teacher.moves
-        self.own_weights = self.moving and teacher.kl_anchor == "initial" and kl_to_reference
+        #: the moving teacher is a second LoRA adapter (swapped into the actor's adapter for the teacher pass)
+        self.in_adapter = self.moving and lora
+        self.own_weights = self.in_adapter or (self.moving and teacher.kl_anchor == "initial" and kl_to_reference)
+        self.state_bytes = 0  # bytes of the teacher's own copy on one rank (0: none)
         self._copy_ready = False
 
     def ensure_copy(self, wg) -> None:
@@ -34,10 +45,11 @@ class TeacherWeights:
         :meth:`load` may come first)."""
         if not self.own_weights or self._copy_ready:
             return
-        wg.hs_init_teacher_copy()
+        self.state_bytes = max(wg.hs_init_teacher_copy(self.in_adapter))
         self._copy_ready = True
-        logger.info("hindsight: the %s teacher has its own copy of the weights; the KL anchor stays on the initial "
-                    "policy (hindsight.teacher.kl_anchor=initial)", self.teacher.kind)
+        what = "a LoRA adapter of its own" if self.in_adapter else "its own copy of the weights"
+        logger.info("hindsight: the %s teacher has %s (%.2f MB per rank); the KL anchor stays on the initial "
+                    "policy", self.teacher.kind, what, self.state_bytes / 2**20)
 
     @contextmanager
     def in_reference(self, wg):
@@ -63,7 +75,8 @@ class TeacherWeights:
         else:
             return {}
         change = wg.hs_update_teacher(mix)
-        return {"hindsight/teacher_update_mean_abs": float(sum(change) / len(change))}
+        return {"hindsight/teacher_update_mean_abs": float(sum(change) / len(change)),
+                "hindsight/teacher_state_bytes": float(self.state_bytes)}
 
     def save(self, wg, checkpoint_dir: str, global_steps: int) -> None:
         """Next to verl's checkpoint of ``global_steps`` (``checkpoint_dir`` is its ``global_step_N`` folder)."""
@@ -73,7 +86,7 @@ class TeacherWeights:
         wg.hs_save_teacher(folder)
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump({"kind": self.teacher.kind, "global_steps": global_steps, "ema_decay": self.teacher.ema_decay,
-                       "sync_interval": self.teacher.sync_interval}, f)
+                       "sync_interval": self.teacher.sync_interval, "lora_adapter": self.in_adapter}, f)
 
     def load(self, wg, checkpoint_dir: str) -> None:
         """Restore the teacher saved with the checkpoint in ``checkpoint_dir`` (a ``global_step_N`` folder)."""
@@ -89,5 +102,10 @@ class TeacherWeights:
         if state.get("kind") != self.teacher.kind:
             raise ValueError(f"checkpoint teacher kind {state.get('kind')!r} != hindsight.teacher.kind "
                              f"{self.teacher.kind!r}")
+        if bool(state.get("lora_adapter", False)) != self.in_adapter:
+            saved = "a LoRA adapter" if state.get("lora_adapter") else "full weights"
+            raise ValueError(f"the checkpoint's {self.teacher.kind} teacher is {saved}, this run "
+                             f"{'trains LoRA' if self.in_adapter else 'trains full weights'}: resume with the "
+                             "LoRA settings (actor_rollout_ref.model.lora_rank) of the run that saved it")
         wg.hs_load_teacher(folder)
         logger.info("hindsight: restored the %s teacher from %s", self.teacher.kind, folder)

@@ -7,10 +7,13 @@ KL to the reference must not move that anchor, so its weights can live in a copy
 that ``hs_swap_teacher`` exchanges with the reference weights for the teacher pass only. This subclass adds what
 verl has no method for:
 
-- ``hs_init_teacher_copy()``: a copy of the reference shards on this rank (same device and dtype), from then on the
-  teacher's weights; the reference model keeps the KL anchor;
-- ``hs_swap_teacher()``: exchange the reference shards with that copy, shard by shard (called in pairs around the
-  teacher pass, so between passes the reference model always holds the anchor);
+- ``hs_init_teacher_copy(adapter)``: a copy of the reference shards on this rank (same device and dtype), from then on
+  the teacher's weights; the reference model keeps the KL anchor. With ``adapter`` (LoRA, where verl keeps the
+  reference inside the actor as the base with the adapter off) the copy is of the actor's trainable tensors, the
+  adapter: the teacher is a second adapter on the same base;
+- ``hs_swap_teacher()``: exchange the reference shards (with ``adapter``: the actor's adapter) with that copy, shard
+  by shard (called in pairs around the teacher pass, so between passes the reference model always holds the anchor
+  and the actor the trained adapter);
 - ``hs_update_teacher(mix)``: teacher <- (1 - mix) * teacher + mix * actor, shard by shard on every rank
   (``mix = 1`` copies: the lagged teacher's sync; ``mix = 1 - decay``: one EMA step); the teacher is the copy if
   there is one, else the reference model itself;
@@ -72,7 +75,22 @@ class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
         """(name, actor parameter, teacher tensor) on this rank: the teacher copy's tensor if there is one, else the
         reference parameter."""
         copy = getattr(self, "_hs_teacher_copy", None)
-        return [(name, a, r if copy is None else copy[name]) for name, a, r in self._actor_ref_pairs()]
+        return [(name, a, r if copy is None else copy[name]) for name, a, r in self._slots()]
+
+    def _slots(self):
+        """(name, actor parameter, slot parameter): the slot is where the teacher pass reads the teacher's weights,
+        the reference model's parameter, or under LoRA the actor's own adapter parameter."""
+        if getattr(self, "_hs_teacher_in_adapter", False):
+            return self._adapter_pairs()
+        return self._actor_ref_pairs()
+
+    def _adapter_pairs(self):
+        if self.actor is None:
+            raise RuntimeError(f"the LoRA teacher adapter needs the actor in this worker (role {self.role!r})")
+        adapter = [(name, p, p) for name, p in sorted(self.actor.engine.module.named_parameters()) if p.requires_grad]
+        if not adapter:
+            raise RuntimeError("LoRA is on but the actor has no trainable parameters to copy as the teacher adapter")
+        return adapter
 
     def _actor_ref_pairs(self):
         if self.actor is None or self.ref is None:
@@ -136,22 +154,25 @@ class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
         return self._topk_pass(self.actor, data, int(tu.get_non_tensor_data(data, "hs_topk", 8)))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def hs_init_teacher_copy(self) -> int:
-        """Give the teacher weights of its own, starting from the reference model's; returns the tensors copied."""
+    def hs_init_teacher_copy(self, adapter: bool = False) -> int:
+        """Give the teacher weights of its own, starting from the reference model's (``adapter``: from the actor's
+        LoRA adapter); returns the bytes of the copy on this rank."""
         if getattr(self, "_hs_teacher_copy", None) is not None:
             raise RuntimeError("the teacher already has its own copy of the weights")
+        self._hs_teacher_in_adapter = adapter
         with torch.no_grad():
-            self._hs_teacher_copy = {name: _local(r.data).detach().clone() for name, _, r in self._actor_ref_pairs()}
-        return len(self._hs_teacher_copy)
+            self._hs_teacher_copy = {name: _local(r.data).detach().clone() for name, _, r in self._slots()}
+        return sum(t.numel() * t.element_size() for t in self._hs_teacher_copy.values())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def hs_swap_teacher(self) -> None:
-        """Exchange the reference model's weights with the teacher copy (a second call swaps them back)."""
+        """Exchange the slot's weights (reference model or actor adapter) with the teacher copy (a second call swaps
+        them back)."""
         copy = getattr(self, "_hs_teacher_copy", None)
         if copy is None:
             raise RuntimeError("hs_swap_teacher needs hs_init_teacher_copy first")
         with torch.no_grad():
-            for name, _, r in self._actor_ref_pairs():
+            for name, _, r in self._slots():
                 r_local, t = _local(r.data), copy[name]
                 held = r_local.clone()
                 r_local.copy_(t.to(device=r_local.device))
@@ -171,7 +192,8 @@ class HindsightActorRolloutRefWorker(ActorRolloutRefWorker):
                 delta = (src - dst) * mix
                 change += float(delta.abs().sum())
                 count += delta.numel()
-                r_local.copy_((dst + delta).to(r_local.dtype))
+                # mix 1 is the lagged teacher's sync: an exact copy (dst + (src - dst) can be off by an ulp)
+                r_local.copy_((src if mix == 1.0 else dst + delta).to(r_local.dtype))
         return change / max(count, 1)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
