@@ -34,7 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     try:  # a bad --jobs or --methods fails here, before the warm start
-        cfg = replace(cfg, methods=methods, ablations=args.ablations, jobs=args.jobs)
+        cfg = replace(cfg, methods=methods, ablations=args.ablations, jobs=args.jobs, lora=args.lora)
         if not args.quick:
             cfg = replace(cfg, batch_tasks=args.batch_tasks)
         planned_runs(cfg)
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "steps, docs/demo.md)")
     demo.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2: one run keeps ~60%% of "
                       "two cores busy; each needs ~6 GB of memory; 1 runs them one after the other)")
+    demo.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight "
+                      "(recipes/cpu/toy_*_lora.yaml: rank 16; moving teachers become second adapters)")
     demo.add_argument("--quick", action="store_true", help="2 steps per method, tiny warm start: a smoke check")
     demo.set_defaults(func=cmd_demo)
 

@@ -332,6 +332,11 @@ class HindsightConfig(BaseConfig):
             raise ValueError(f"hindsight.analyzer.role={self.analyzer.role} asks a model about every episode but "
                              f"nothing reads its answer: add {reader} to hindsight.feedback.source, or set "
                              "hindsight.analyzer.role=none")
+        strategy = str(_get(config, "actor_rollout_ref", "actor", "strategy", default="fsdp"))
+        if self.enable and self.teacher.moves and strategy not in ("fsdp", "fsdp2"):
+            raise ValueError(f"hindsight.teacher.kind={self.teacher.kind} keeps and updates the teacher's weights "
+                             f"shard by shard on the FSDP engines; actor_rollout_ref.actor.strategy={strategy} is not "
+                             "supported: use kind=frozen or kind=live there, or strategy=fsdp2")
         if self.enable and lora_enabled(config):
             self._validate_lora(config)
         if estimator == "serl":

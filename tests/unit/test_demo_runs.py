@@ -92,3 +92,14 @@ def test_a_count_below_one_is_refused_before_anything_runs(tmp_path, flag):
     with pytest.raises(SystemExit, match=rf"{flag} 0: "):
         main(["demo", flag, "0", "--run-dir", str(tmp_path / "demo")])
     assert not (tmp_path / "demo").exists()
+
+
+def test_lora_runs_each_method_s_lora_recipe_and_every_one_exists(tmp_path):
+    from verl_hindsight.launch import recipes_dir
+
+    cfg = DemoConfig(run_dir=tmp_path, methods=("grpo", "hint_sd", "serl", "hint_sd_ema"), jobs=1, lora=True)
+    runner = RecordingRunner()
+    assert run_all(cfg, planned_runs(cfg), Path("model"), Path("train"), Path("val"), runner=runner) == []
+    recipes = [c[1] for c in runner.calls]
+    assert recipes == ["cpu/toy_grpo_lora", "cpu/toy_hint_sd_lora", "cpu/toy_serl_lora", "cpu/toy_hint_sd_lora"]
+    assert all((recipes_dir() / f"{r}.yaml").is_file() for r in recipes)

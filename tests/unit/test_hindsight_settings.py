@@ -228,3 +228,12 @@ def test_lora_settings_that_cannot_work_are_refused_with_the_fix():
     for kind in ("frozen", "ema", "lagged", "live"):
         load_hindsight_config(_lora_cfg({"lora_rank": 8, "lora": {"merge": True}}, rollout="hf", teacher={"kind": kind}))
     load_hindsight_config(_lora_cfg({"lora_rank": 8}, kl=False, teacher={"kind": "ema", "kl_anchor": "teacher"}))
+
+
+def test_a_moving_teacher_on_megatron_is_refused_at_start():
+    cfg = _cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema"})
+    cfg.actor_rollout_ref = {"actor": {"strategy": "megatron"}}
+    with pytest.raises(ValueError, match="actor_rollout_ref.actor.strategy=megatron is not supported: use kind=frozen"):
+        load_hindsight_config(cfg)
+    cfg.hindsight.teacher.kind = "frozen"
+    assert load_hindsight_config(cfg).teacher.kind == "frozen"

@@ -56,6 +56,7 @@ class DemoConfig:
     batch_tasks: int = 8
     rollouts: int = 4
     warm_model: Optional[Path] = None  # reuse a warm start (e.g. of an earlier demo run) instead of training one
+    lora: bool = False  # train a LoRA adapter (recipes/cpu/toy_*_lora.yaml) instead of every weight
     # runs at once. One CPU run leaves part of two cores idle (Ray and the agent loop wait on each other), so two
     # side by side finish sooner than one after the other; three oversubscribe two cores and gain nothing
     # (benchmarks/demo_wall_time.py measures it; figures in docs/demo.md). Each run is its own main_ppo process
@@ -151,7 +152,7 @@ def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, tra
         free_lines.put(line)
 
     def one(seed: int, name: str, extra: list[str]) -> Optional[str]:
-        recipe = "cpu/toy_hint_sd" if name.startswith("hint_sd") else f"cpu/toy_{name}"
+        recipe = recipe_for(name, cfg.lora)
         out = cfg.run_dir / f"{name}-s{seed}"
         out.mkdir(exist_ok=True)
         overrides = run_overrides(cfg, model, train, val, seed, out) + extra + list(cfg.overrides)
@@ -165,6 +166,12 @@ def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, tra
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
         futures = [pool.submit(one, seed, name, extra) for seed in range(cfg.seeds) for name, extra in runs]
         return [f for f in (future.result() for future in futures) if f]
+
+
+def recipe_for(name: str, lora: bool = False) -> str:
+    """The recipe of a demo run (an ablation runs its method's recipe with extra overrides)."""
+    method = "hint_sd" if name.startswith("hint_sd") else name
+    return f"cpu/toy_{method}{'_lora' if lora else ''}"
 
 
 def planned_runs(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
