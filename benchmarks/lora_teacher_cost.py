@@ -2,15 +2,19 @@
 
     python benchmarks/lora_teacher_cost.py [--steps 4] [--hidden 256] [--layers 4] [--kind ema] [--lora-rank 16]
 
-Builds one random tiny Qwen2 model (``--hidden``/``--layers``), writes the toy corridor's data, then runs HINT-SD
-through stock ``main_ppo`` twice with the same seed and a moving teacher (``--kind`` ema or lagged, synced every
-step): ``recipes/cpu/toy_hint_sd`` (full fine-tuning: the teacher keeps its own copy of the weights, since the KL
-anchor stays on the initial policy) and ``recipes/cpu/toy_hint_sd_lora`` (the teacher is a second adapter). From
-each run's metrics it prints
+Builds one tiny Qwen2 model (``--hidden``/``--layers``) and gives it the demo's warm start (``--warm-steps``, enough
+for the ``<action>`` format, so failing turns carry actions for the teacher to score), writes the toy corridor's
+data, then runs HINT-SD through stock ``main_ppo`` twice, at the same time (so both see the same load on the
+machine), with the same seed and a moving teacher (``--kind`` ema or lagged, synced every step):
+``recipes/cpu/toy_hint_sd`` (full fine-tuning: the teacher keeps its own copy of the weights, since the KL anchor
+stays on the initial policy) and ``recipes/cpu/toy_hint_sd_lora`` (the teacher is a second adapter). From each
+run's metrics it prints
 
 * ``teacher state``: bytes the teacher holds of its own on one rank (``hindsight/teacher_state_bytes``);
-* ``teacher pass``: seconds per step of the teacher's forwards (``timing_s/hindsight_teacher``) and of swapping
-  its weights in and out (``timing_s/hindsight_teacher_swap``), medians over the steps after the first;
+* ``teacher pass``: seconds per step of the teacher's forwards (``timing_s/hindsight_teacher``), the same per 1k
+  teacher tokens (the runs target different turns once their policies differ), and of swapping its weights in and
+  out (``timing_s/hindsight_teacher_swap``), medians over the steps after the first. Full fine-tuning scores the
+  teacher with the reference model's engine, LoRA with the actor's (verl keeps the reference inside it);
 * ``teacher update``: the EMA lerp / lagged copy after each update (inside ``timing_s/update_actor``, not separable;
   the actor update's median is printed next to it);
 * the step's median wall time;
@@ -33,7 +37,9 @@ from pathlib import Path
 from verl_hindsight.launch import main_ppo_command
 
 METRICS = (("teacher state (MB per rank)", "hindsight/teacher_state_bytes", 1 / 2**20),
+           ("teacher tokens forwarded (per step)", "hindsight/teacher_tokens_forwarded", 1.0),
            ("teacher forwards (s/step)", "timing_s/hindsight_teacher", 1.0),
+           ("teacher forwards (s per 1k tokens)", "teacher_s_per_1k_tokens", 1.0),
            ("teacher swap in+out (s/step)", "timing_s/hindsight_teacher_swap", 1.0),
            ("actor update incl. teacher update (s/step)", "timing_s/update_actor", 1.0),
            ("step (s)", "timing_s/step", 1.0))
@@ -55,6 +61,13 @@ def run(recipe: str, model: Path, data: Path, work: Path, steps: int, kind: str,
     return [json.loads(line)["data"] for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def with_rates(rows: list[dict]) -> list[dict]:
+    for m in rows:
+        if m.get("hindsight/teacher_tokens_forwarded"):
+            m["teacher_s_per_1k_tokens"] = 1000 * m["timing_s/hindsight_teacher"] / m["hindsight/teacher_tokens_forwarded"]
+    return rows
+
+
 def median_after_first(rows: list[dict], key: str) -> float:
     values = [m[key] for m in rows[1:] if key in m] or [m[key] for m in rows if key in m]
     return statistics.median(values) if values else float("nan")
@@ -67,6 +80,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--kind", choices=("ema", "lagged"), default="ema")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--warm-steps", type=int, default=80)
     parser.add_argument("--work-dir", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -74,9 +88,12 @@ def main() -> int:
     from verl_hindsight.tiny_model import make_tiny_model
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lora_teacher_"))
-    model = make_tiny_model(work / "model", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
-                            num_key_value_heads=args.hidden // 64)
+    from verl_hindsight.demo.warm_start import warm_start
+
+    tiny = make_tiny_model(work / "tiny", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                           num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
+                           num_key_value_heads=args.hidden // 64)
+    model = Path(warm_start(tiny, work / "model", steps=args.warm_steps, lr=1e-3, hint_prob=0.75))
     write_env_dataset("toy", work / "data", max_train=16, max_val=4)
     from safetensors import safe_open
 
@@ -84,10 +101,13 @@ def main() -> int:
         model_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     print(f"model: hidden {args.hidden}, {args.layers} layers, {model_bytes / 2**20:.1f} MB fp32; teacher {args.kind}, "
           f"synced every step; LoRA rank {args.lora_rank} on every linear layer; {args.steps} steps each", flush=True)
-    results = {}
-    for name, recipe in (("full", "cpu/toy_hint_sd"), ("lora", "cpu/toy_hint_sd_lora")):
-        results[name] = run(recipe, model, work / "data", work / name, args.steps, args.kind, args.lora_rank)
-        print(f"  {name} done", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    recipes = {"full": "cpu/toy_hint_sd", "lora": "cpu/toy_hint_sd_lora"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, recipe, model, work / "data", work / name, args.steps, args.kind,
+                                     args.lora_rank) for name, recipe in recipes.items()}
+        results = {name: with_rates(future.result()) for name, future in futures.items()}
     print(f"\n{'':44s}{'full':>12s}{'LoRA':>12s}{'LoRA/full':>11s}")
     for label, key, scale in METRICS:
         full, lora = (median_after_first(results[n], key) * scale for n in ("full", "lora"))

@@ -7,6 +7,26 @@ import sys
 
 from verl_hindsight.launch import is_port_race, main_ppo_command
 
+#: the sequence the trainer scores with ``hindsight.teacher.log_probe`` (``HindsightTrainer._probe_metrics``)
+PROBE = list(range(3, 35))
+
+
+def base_model_probe(model_dir) -> float:
+    """log p(probe) under the model in ``model_dir`` by a plain fp32 transformers forward (no verl, no adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor(PROBE)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1]
+    return float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
+
+
+def probe_gap_per_token(a: float, b: float) -> float:
+    """|a - b| of two probe log-probs, per scored token."""
+    return abs(a - b) / (len(PROBE) - 1)
+
 
 def run_recipe(recipe, tmp_path, overrides, extra_env=None, expect_ok=True):
     """``recipe`` None: verl's own default config (``ppo_trainer``), as a stock user runs it."""

@@ -8,11 +8,10 @@ import torch
 
 from verl_hindsight.environment.data import write_env_dataset
 
-from conftest_e2e import run_recipe
+from conftest_e2e import base_model_probe, probe_gap_per_token, run_recipe
 
 pytestmark = pytest.mark.e2e
 
-PROBE = torch.arange(3, 35)  # the trainer's hindsight.teacher.log_probe sequence
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +26,6 @@ def _base(format_model, data, run_dir, steps):
             "hindsight.teacher.log_probe=true"]
 
 
-def _base_model_probe(model_dir) -> float:
-    """log p(probe) under the base model, by a plain transformers forward (no verl, no adapter)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(PROBE[None]).logits[0, :-1]
-    return float(torch.log_softmax(logits, -1).gather(-1, PROBE[1:, None]).sum())
-
-
 def _tensors(path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     return {k: (v.to_local() if hasattr(v, "to_local") else v).float() for k, v in state.items()}
@@ -49,10 +38,6 @@ def _adapter(step_dir) -> dict[str, torch.Tensor]:
 
 def _teacher(step_dir) -> dict[str, torch.Tensor]:
     return _tensors(step_dir / "hindsight_teacher" / "teacher_rank0.pt")
-
-
-def _per_token(a: float, b: float) -> float:
-    return abs(a - b) / (len(PROBE) - 1)
 
 
 def test_hint_sd_with_an_ema_adapter_teacher(format_model, data, tmp_path):
@@ -90,19 +75,19 @@ def test_hint_sd_with_an_ema_adapter_teacher(format_model, data, tmp_path):
     assert adapter_bytes < model_bytes / 5
     # the teacher moves; the KL anchor (the base with the adapter off) does not, and it is the base model
     assert rows[2]["hindsight/teacher_probe_logprob"] != rows[0]["hindsight/teacher_probe_logprob"]
-    base = _base_model_probe(format_model)
+    base = base_model_probe(format_model)
     for m in rows:
-        assert _per_token(m["hindsight/reference_probe_logprob"], base) < 1e-5
+        assert probe_gap_per_token(m["hindsight/reference_probe_logprob"], base) < 1e-5
 
 
 def test_frozen_teacher_under_lora_is_the_base_model(format_model, data, tmp_path):
     rows = run_recipe("cpu/toy_hint_sd_lora", tmp_path, _base(format_model, data, tmp_path, 2))
     assert not any("hindsight/teacher_state_bytes" in m for m in rows)  # no weights of its own
-    base = _base_model_probe(format_model)
+    base = base_model_probe(format_model)
     # after an update the adapter is non-zero, yet the frozen teacher scores exactly as the base model
     assert rows[0]["actor/grad_norm"] > 0
     for m in rows:
-        assert _per_token(m["hindsight/teacher_probe_logprob"], base) < 1e-5
+        assert probe_gap_per_token(m["hindsight/teacher_probe_logprob"], base) < 1e-5
         assert m["actor/hindsight/distill_loss"] >= 0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from verl_hindsight.environment.data import write_env_dataset
 
-from conftest_e2e import run_recipe
+from conftest_e2e import base_model_probe, probe_gap_per_token, run_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -180,6 +180,8 @@ def test_ema_teacher_resumes_from_checkpoint_with_identical_teacher(format_model
     # toy_common has a KL to the reference: the moving teacher has its own weights, the anchor stays the warm start
     assert full[0]["hindsight/reference_probe_logprob"] == full[0]["hindsight/teacher_probe_logprob"]
     assert full[1]["hindsight/reference_probe_logprob"] == full[0]["hindsight/reference_probe_logprob"]
+    # the reference engine scores in fp32 like the actor (cpu_common.yaml): the warm start's own log-probs
+    assert probe_gap_per_token(full[0]["hindsight/reference_probe_logprob"], base_model_probe(format_model)) < 1e-5
     assert (full_dir / "ckpt" / "global_step_1" / "hindsight_teacher" / "teacher_state.json").exists()
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
