@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--override", action="append", metavar="KEY=VALUE",
                       help="extra hydra override for every run, e.g. hindsight.distill.coef=2 (repeatable)")
     demo.add_argument("--methods", help="comma-separated runs: grpo,hint_sd,serl (default all three) and/or the "
-                           "ablations hint_sd_ema,hint_sd_lagged,hint_sd_live,hint_sd_episode_start")
+                           "ablations hint_sd_ema,hint_sd_lagged,hint_sd_live,hint_sd_episode_start, the signed "
+                           "credit rules rlsd,rlsd_clipped,additive, the SERL ablations serl_clip1,serl_nodecay, the "
+                           "no-feedback controls hint_sd_nofb,rlsd_nofb,additive_nofb, and hero (the environment's "
+                           "error as the reflector's diagnosis); docs/methods.md")
     demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",
                       help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")

@@ -128,6 +128,9 @@ class TeacherConfig(BaseConfig):
     # the teacher pass only. teacher: the reference model is the teacher, so the anchor moves with it (SERL's
     # released code).
     kl_anchor: str = "initial"
+    # false: the no-feedback control. Targets are selected exactly as with feedback, but the teacher scores the
+    # student's own context (no hindsight text inserted), so any effect left is the pull toward the teacher's weights
+    insert_feedback: bool = True
 
     def __post_init__(self):
         _check_choice("hindsight.teacher.kind", self.kind, TEACHER_KINDS)
@@ -145,6 +148,12 @@ class TeacherConfig(BaseConfig):
             raise ValueError("hindsight.teacher.insert_at=episode_start needs hindsight.teacher.mode=isolated")
         if "{feedback}" not in self.feedback_template:
             raise ValueError("hindsight.teacher.feedback_template must contain '{feedback}'")
+        if not self.insert_feedback and self.insert_at != "target_turn":
+            raise ValueError(f"hindsight.teacher.insert_at={self.insert_at} places feedback that "
+                             "hindsight.teacher.insert_feedback=false leaves out: drop one of the two")
+        if not self.insert_feedback and self.kind == "live":
+            raise ValueError("hindsight.teacher.insert_feedback=false with kind=live: the teacher would be the "
+                             "student on the student's own context (a zero gap); use kind=frozen, ema or lagged")
 
     @property
     def uses_reference_model(self) -> bool:
@@ -363,24 +372,44 @@ class HindsightConfig(BaseConfig):
 
 @dataclass
 class SERLConfig(BaseConfig):
-    """``algorithm.serl``: SERL's reweighting of a verl estimator's advantage (:mod:`verl_hindsight.algo.serl`)."""
+    """``algorithm.serl``: SERL's advantage step on a verl estimator's advantage (:mod:`verl_hindsight.algo.serl`),
+    with the released credit rule or a signed one."""
+
+    # credit_rule values (not a field: no annotation)
+    CREDIT_RULES = ("serl", "rlsd", "additive")
 
     base_estimator: str = "grpo"  # the verl estimator whose advantage is reweighted
-    weight_clip: float = 0.2
+    # serl: the released clipped weight | rlsd: the same weight unclipped | additive: A + additive_beta * d (the sign
+    # can flip). Formulas and sources: verl_hindsight/algo/serl.py, docs/methods.md
+    credit_rule: str = "serl"
+    weight_clip: float = 0.2  # credit_rule=serl: w clipped to [1 - weight_clip, 1 + weight_clip]; 1.0: [0, 2]
     mixing_lambda: float = 0.5
-    lambda_decay_steps: int = 50
+    lambda_decay_steps: Optional[int] = 50  # lambda reaches 0 after this many updates; null: constant lambda
+    additive_beta: float = 1.0  # credit_rule=additive: scale of the teacher-student gap added to A
 
     def __post_init__(self):
         _check_choice("algorithm.serl.base_estimator", self.base_estimator, SERL_BASE_ESTIMATORS)
-        if not 0.0 <= self.weight_clip < 1.0:
-            raise ValueError(f"algorithm.serl.weight_clip must be in [0, 1), got {self.weight_clip!r}")
+        _check_choice("algorithm.serl.credit_rule", self.credit_rule, self.CREDIT_RULES)
+        if not 0.0 <= self.weight_clip <= 1.0:
+            raise ValueError(f"algorithm.serl.weight_clip must be in [0, 1] (1.0 clips the weight to [0, 2]), got "
+                             f"{self.weight_clip!r}")
         if not 0.0 <= self.mixing_lambda <= 1.0:
             raise ValueError(f"algorithm.serl.mixing_lambda must be in [0, 1], got {self.mixing_lambda!r}")
-        if self.lambda_decay_steps < 1:
-            raise ValueError(f"algorithm.serl.lambda_decay_steps must be >= 1, got {self.lambda_decay_steps!r}")
+        if self.lambda_decay_steps is not None and self.lambda_decay_steps < 1:
+            raise ValueError(f"algorithm.serl.lambda_decay_steps must be >= 1, or null for a constant lambda, got "
+                             f"{self.lambda_decay_steps!r}")
+        if self.additive_beta <= 0:
+            raise ValueError(f"algorithm.serl.additive_beta must be > 0, got {self.additive_beta!r}")
+        # a rule's own key set under another rule would silently do nothing
+        for key, rule in (("weight_clip", "serl"), ("additive_beta", "additive")):
+            if self.credit_rule != rule and getattr(self, key) != SERLConfig.__dataclass_fields__[key].default:
+                raise ValueError(f"algorithm.serl.{key} applies to credit_rule={rule} only, and credit_rule="
+                                 f"{self.credit_rule}: drop the {key} setting or set credit_rule={rule}")
 
     def mixing(self, updates_done: int) -> float:
-        """l_k: mixing_lambda decaying linearly to 0 at ``lambda_decay_steps`` policy updates."""
+        """l_k: mixing_lambda decaying linearly to 0 at ``lambda_decay_steps`` policy updates (constant when null)."""
+        if self.lambda_decay_steps is None:
+            return self.mixing_lambda
         return self.mixing_lambda * max(0.0, 1.0 - float(updates_done) / float(self.lambda_decay_steps))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from verl_hindsight.cli import main
-from verl_hindsight.demo.run import ABLATIONS, DemoConfig, planned_runs, run_all
+from verl_hindsight.demo.run import ABLATIONS, COMPARISON, DemoConfig, planned_runs, recipe_for, run_all
 
 
 def _names(**kwargs):
@@ -103,3 +103,56 @@ def test_lora_runs_each_method_s_lora_recipe_and_every_one_exists(tmp_path):
     recipes = [c[1] for c in runner.calls]
     assert recipes == ["cpu/toy_grpo_lora", "cpu/toy_hint_sd_lora", "cpu/toy_serl_lora", "cpu/toy_hint_sd_lora"]
     assert all((recipes_dir() / f"{r}.yaml").is_file() for r in recipes)
+
+
+def test_comparison_runs_are_named_alone_with_their_overrides_and_not_added_by_ablations():
+    runs = dict(planned_runs(DemoConfig(run_dir=Path("unused"), methods=("rlsd", "hint_sd_nofb", "serl_clip1"))))
+    assert runs == {
+        "rlsd": ["hindsight.teacher.kind=frozen", "algorithm.serl.mixing_lambda=1.0",
+                 "algorithm.serl.lambda_decay_steps=null", "algorithm.serl.credit_rule=rlsd"],
+        "hint_sd_nofb": ["hindsight.teacher.insert_feedback=false"],
+        "serl_clip1": ["algorithm.serl.weight_clip=1.0"]}
+    assert not set(COMPARISON) & set(_names(methods=("grpo",), ablations=True))
+
+
+@pytest.mark.parametrize("name, recipe", [
+    ("grpo", "cpu/toy_grpo"), ("serl", "cpu/toy_serl"), ("hint_sd_live", "cpu/toy_hint_sd"),
+    ("hint_sd_nofb", "cpu/toy_hint_sd"), ("rlsd", "cpu/toy_serl"), ("rlsd_clipped", "cpu/toy_serl"),
+    ("additive_nofb", "cpu/toy_serl"), ("serl_nodecay", "cpu/toy_serl"), ("hero", "cpu/toy_hero_env")])
+def test_recipe_comes_from_the_run_name_s_method(name, recipe):
+    assert recipe_for(name) == recipe
+
+
+def test_every_comparison_run_composes_on_its_recipe_and_sets_what_it_names():
+    """Each run's recipe with its overrides, composed by hydra and loaded as the trainer loads it."""
+    from hydra import compose, initialize_config_dir
+
+    from verl_hindsight.config import load_hindsight_config, load_serl_config
+    from verl_hindsight.launch import recipes_dir
+
+    loaded = {}
+    for name, overrides in COMPARISON.items():
+        recipe = recipes_dir() / f"{recipe_for(name)}.yaml"
+        with initialize_config_dir(config_dir=str(recipe.parent), version_base=None):
+            cfg = compose(config_name=recipe.stem, overrides=["data.train_files=x", "data.val_files=y", *overrides])
+        loaded[name] = (load_hindsight_config(cfg), load_serl_config(cfg.algorithm), str(cfg.algorithm.adv_estimator))
+    for name in ("rlsd", "rlsd_clipped", "additive", "rlsd_nofb", "additive_nofb"):
+        hs, serl, estimator = loaded[name]
+        assert estimator == "serl" and hs.teacher.kind == "frozen"
+        assert serl.mixing(0) == serl.mixing(10**6) == 1.0  # full strength, no decay
+        assert serl.credit_rule == {"rlsd_clipped": "serl"}.get(name, name.removesuffix("_nofb"))
+        assert hs.teacher.insert_feedback == (not name.endswith("_nofb"))
+    assert loaded["serl_clip1"][1].weight_clip == 1.0 and loaded["serl_clip1"][0].teacher.kind == "lagged"
+    assert loaded["serl_nodecay"][1].mixing(10**6) == 0.5
+    hs, _, estimator = loaded["hint_sd_nofb"]
+    assert not hs.teacher.insert_feedback and hs.distill.divergence == "topk_tail" and estimator == "grpo"
+    hs, _, estimator = loaded["hero"]
+    assert (hs.feedback.source, hs.analyzer.role, hs.distill.divergence, estimator) == ("error", "none", "jsd", "grpo")
+
+
+def test_a_run_without_a_lora_recipe_is_refused_under_lora():
+    with pytest.raises(ValueError, match=r"--lora: no LoRA recipe for \['hero'\]; drop --lora or those runs"):
+        planned_runs(DemoConfig(run_dir=Path("unused"), methods=("serl", "hero"), lora=True))
+    names = [n for n, _ in planned_runs(DemoConfig(run_dir=Path("unused"), methods=("rlsd", "hint_sd_nofb"),
+                                                   lora=True))]
+    assert [recipe_for(n, lora=True) for n in names] == ["cpu/toy_serl_lora", "cpu/toy_hint_sd_lora"]

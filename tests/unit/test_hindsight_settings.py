@@ -237,3 +237,31 @@ def test_a_moving_teacher_on_megatron_is_refused_at_start():
         load_hindsight_config(cfg)
     cfg.hindsight.teacher.kind = "frozen"
     assert load_hindsight_config(cfg).teacher.kind == "frozen"
+
+
+def test_the_no_feedback_control_refuses_settings_it_would_ignore():
+    cfg = _cfg(enable=True, distill={"coef": 1.0}, teacher={"insert_feedback": False})
+    assert load_hindsight_config(cfg).teacher.insert_feedback is False
+    with pytest.raises(ValueError, match="hindsight.teacher.insert_at=episode_start places feedback that "
+                                         "hindsight.teacher.insert_feedback=false leaves out"):
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0},
+                                   teacher={"insert_feedback": False, "insert_at": "episode_start"}))
+    with pytest.raises(ValueError, match="insert_feedback=false with kind=live: .* use kind=frozen"):
+        load_hindsight_config(_cfg(enable=True, distill={"coef": 1.0},
+                                   teacher={"insert_feedback": False, "kind": "live"}))
+
+
+def test_hero_on_the_toy_uses_the_environment_as_its_reflector():
+    """recipes/cpu/toy_hero_env.yaml: HERO's method block with the environment's error message as the diagnosis."""
+    from hydra import compose, initialize_config_dir
+
+    from verl_hindsight.launch import recipes_dir
+
+    with initialize_config_dir(config_dir=str(recipes_dir() / "cpu"), version_base=None):
+        cfg = compose(config_name="toy_hero_env", overrides=["data.train_files=x", "data.val_files=y"])
+    settings = load_hindsight_config(cfg)
+    assert settings.feedback.source == "error" and settings.analyzer.role == "none"
+    assert (settings.targets.turns, settings.targets.trajectories) == ("with_feedback", "all")
+    assert (settings.teacher.kind, settings.distill.divergence, settings.distill.jsd_beta) == ("frozen", "jsd", 0.5)
+    assert settings.distill.coef == 1.0 and settings.distill.policy_gradient
+    assert str(cfg.algorithm.adv_estimator) == "grpo"

@@ -281,3 +281,54 @@ def test_viewer_with_no_dumps(tmp_path):
     page = build_viewer(tmp_path).read_text()
     _check(page)
     assert "No trajectory dumps found" in page
+
+
+def test_summary_shows_invalid_actions_and_sign_flips_per_run(tmp_path):
+    """Per run: the mean invalid-action rate over its steps, the steps above 0.25, and the share of targeted tokens
+    whose advantage flipped sign, weighted by each step's targeted tokens; '-' where the run logs none."""
+    rows = {
+        "additive-s0": [{"hindsight/invalid_action_rate": 0.1, "serl/sign_flipped_frac": 0.5,
+                         "serl/hindsight_tokens": 2},
+                        {"hindsight/invalid_action_rate": 0.3, "serl/sign_flipped_frac": 0.0,
+                         "serl/hindsight_tokens": 6},
+                        {"hindsight/invalid_action_rate": 0.5, "serl/hindsight_tokens": 0,  # stage off: no tokens
+                         "hindsight/val_success": 0.4}],
+        "hint_sd-s0": [{"hindsight/invalid_action_rate": 0.0}, {"hindsight/invalid_action_rate": 0.26,
+                                                                "hindsight/val_success": 0.9}],
+        "grpo-s0": [{"hindsight/val_success": 0.1}],
+    }
+    for name, steps in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i, "data": data}) + "\n" for i, data in enumerate(steps)))
+    text, data = summarize(tmp_path, threshold=0.8, budget=200)
+    additive = data["methods"]["additive"]["runs"][0]
+    assert additive["invalid_action_rate"] == pytest.approx((0.1 + 0.3 + 0.5) / 3)
+    assert additive["invalid_steps"] == 2  # 0.3 and 0.5 are above 0.25
+    assert additive["sign_flipped_frac"] == pytest.approx((0.5 * 2 + 0.0 * 6) / 8)  # 1 flipped token of 8
+    hint = data["methods"]["hint_sd"]["runs"][0]
+    assert hint["invalid_action_rate"] == pytest.approx(0.13) and hint["invalid_steps"] == 1
+    assert hint["sign_flipped_frac"] is None  # no SERL step
+    grpo = data["methods"]["grpo"]["runs"][0]
+    assert grpo["invalid_action_rate"] is None and grpo["invalid_steps"] is None
+    lines = text.splitlines()
+    assert lines[2].split() == ["method", "seed", "final", "best", "steps", "to", "80%", "invalid", ">0.25", "flipped"]
+    assert next(line for line in lines if line.startswith("additive")).split() == [
+        "additive", "0", "0.40", "0.40", ">200", "0.30", "2", "0.125"]
+    assert next(line for line in lines if line.startswith("hint_sd")).split() == [
+        "hint_sd", "0", "0.90", "0.90", "1", "0.13", "1", "-"]
+    assert next(line for line in lines if line.startswith("grpo")).split()[-3:] == ["-", "-", "-"]
+
+
+def test_comparison_figures_are_written_for_the_runs_that_exist(run_dir, figures):
+    for name, vals in (("rlsd-s0", [0.0, 0.2, 0.5, 0.9]), ("hint_sd_nofb-s0", [0.0, 0.1, 0.1, 0.2])):
+        (run_dir / name).mkdir()
+        (run_dir / name / "metrics.jsonl").write_text(_metrics(name, vals))
+    written = [p.name for p in plot_ablations(run_dir)]
+    assert written == ["credit_rules.png", "no_feedback.png"]  # no SERL ablation or teacher-kind run here
+    no_feedback = figures[-1]
+    assert _legend(no_feedback.axes[0]) == ["HINT-SD (2 seeds)", "HINT-SD, no feedback", "RLSD", "80%"]
+    assert _legend(figures[-2].axes[0]) == ["GRPO (2 seeds)", "RLSD unclipped", "HINT-SD (2 seeds)", "80%"]
+    # the main figure keeps to the main methods
+    plot_run(run_dir)
+    assert _legend(figures[-1].axes[0]) == ["grpo (2 seeds)", "hint_sd (2 seeds)", "80%"]

@@ -306,3 +306,64 @@ def test_message_span_scores_every_generated_token_of_the_targeted_turn(env):
         run_stage([Row(**{**row.__dict__, "response_mask": None})], feedback_config=FeedbackConfig(source="error"),
                   target_config=TargetConfig(turns="with_feedback", trajectories="failed", span="message"),
                   teacher_config=TeacherConfig(), renderer=renderer, scorer=scorer)
+
+
+@pytest.mark.parametrize("mode", ["isolated", "cumulative"])
+def test_without_feedback_each_teacher_sequence_is_the_student_s_own_context(env, mode):
+    """hindsight.teacher.insert_feedback=false: the teacher sequence of a target is the student's prompt + response
+    up to the target's action, each token scored at its own position."""
+    _, tok, renderer, _ = env
+    prompt, response, turns = random_trajectory(tok, random.Random(9), n_turns=3)
+    full = prompt + response
+    targets = [TargetTurn(k, s, a, b, f"wrong key {k}") for k, s, a, b in turns[1:]]
+    plan = plan_teacher_sequences(prompt, response, targets, renderer, mode=mode, insert_feedback=False)
+    ends = [b for *_, b in turns[1:]] if mode == "isolated" else [turns[-1][3]]
+    assert [s.token_ids.tolist() for s in plan.sequences] == [full[:len(prompt) + end] for end in ends]
+    for seq in plan.sequences:
+        assert torch.equal(seq.positions[:, 1], seq.positions[:, 0] + len(prompt))
+    with_feedback = plan_teacher_sequences(prompt, response, targets, renderer, mode=mode)
+    assert [s.turns for s in plan.sequences] == [s.turns for s in with_feedback.sequences]
+    assert [s.positions[:, 0].tolist() for s in plan.sequences] == [
+        s.positions[:, 0].tolist() for s in with_feedback.sequences]
+
+
+def test_no_feedback_control_targets_the_same_tokens_and_scores_the_student_context(env):
+    """The stage with insert_feedback=false selects exactly the turns and tokens it selects with feedback (the
+    feedback still decides the targets), and the teacher's log-probs are those of a plain forward of the student's
+    own sequence."""
+    from verl_hindsight.config import FeedbackConfig, TargetConfig, TeacherConfig
+    from verl_hindsight.hindsight.stage import Row, run_stage
+
+    model, tok, renderer, scorer = env
+    rng = random.Random(13)
+    rows = []
+    for r in range(3):
+        prompt, response, turns = random_trajectory(tok, rng, n_turns=3)
+        ends = [t[1] for t in turns[1:]] + [len(response)]
+        errors = {k: ("wrong key" if (k + r) % 2 else None) for k, *_ in turns}
+        records = [_record(k, s, e, errors[k]) for (k, s, a, b), e in zip(turns, ends)]
+        action_mask = [0] * len(response)
+        for _, _, a, b in turns:
+            action_mask[a:b] = [1] * (b - a)
+        rows.append(Row(uid="g", prompt_ids=prompt, response_ids=response, action_mask=action_mask,
+                        extra_fields={"hs_turns": records, "hs_env": {"success": False, "return": 0.0}},
+                        old_log_probs=[0.0] * len(response)))
+    kwargs = dict(feedback_config=FeedbackConfig(source="error"),
+                  target_config=TargetConfig(turns="with_feedback", trajectories="failed"), renderer=renderer,
+                  scorer=scorer)
+    fed = run_stage(rows, teacher_config=TeacherConfig(), **kwargs)
+    control = run_stage(rows, teacher_config=TeacherConfig(insert_feedback=False), **kwargs)
+    assert sorted(control.inserted_feedback) == sorted(fed.inserted_feedback)  # the same (row, turn) targets
+    assert set(fed.inserted_feedback.values()) == {"wrong key"} and set(control.inserted_feedback.values()) == {""}
+    assert control.metrics["hindsight/targeted_tokens"] == fed.metrics["hindsight/targeted_tokens"] > 0
+    for row, a, b in zip(rows, fed.rows, control.rows):
+        assert torch.equal(a.hindsight_mask, b.hindsight_mask)
+        full = torch.cat([row.prompt_ids, row.response_ids])
+        with torch.no_grad():
+            lp = model(input_ids=full.unsqueeze(0)).logits[0].float().log_softmax(-1)
+        for i in b.hindsight_mask.nonzero().flatten().tolist():
+            j = len(row.prompt_ids) + i
+            assert float(b.sampled_log_probs[i]) == pytest.approx(float(lp[j - 1, full[j]]), abs=1e-5)
+        # with feedback the same tokens are scored in another context
+        assert not torch.allclose(a.sampled_log_probs[a.hindsight_mask.bool()],
+                                  b.sampled_log_probs[b.hindsight_mask.bool()])

@@ -10,7 +10,9 @@ Phases (each with a progress bar; verl's own logs go to ``<run>/verl.log`` files
    ``viewer.html`` (trajectories with the inserted feedback and per-token values), ``summary.txt``.
 
 ``--ablations`` adds HINT-SD runs with the other teacher kinds (EMA, lagged, live) and with the feedback inserted at
-the start of the episode instead of at the failing turn.
+the start of the episode instead of at the failing turn. ``--methods`` also takes the runs of :data:`COMPARISON`
+(signed credit rules, SERL ablations, no-feedback controls, HERO with the environment as its reflector;
+docs/methods.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,27 @@ ABLATIONS = {
     "hint_sd_live": ["hindsight.teacher.kind=live"],
     "hint_sd_episode_start": ["hindsight.teacher.insert_at=episode_start"],
 }
+# The signed credit rules run the SERL recipe with HINT-SD's teacher (the frozen warm start: lagged, EMA and live
+# teachers lose their gap on the toy, docs/demo.md) and the rule at full strength, without decay: RLSD and OPID
+# apply their credit on every update, and SERL's decay would make every rule plain GRPO after 50 of 200 steps.
+SIGNED = ["hindsight.teacher.kind=frozen", "algorithm.serl.mixing_lambda=1.0", "algorithm.serl.lambda_decay_steps=null"]
+NO_FEEDBACK = "hindsight.teacher.insert_feedback=false"
+# Issue 23's comparison; ``--methods`` only (``--ablations`` keeps adding the HINT-SD teacher ablations alone)
+COMPARISON = {
+    "rlsd": SIGNED + ["algorithm.serl.credit_rule=rlsd"],
+    "rlsd_clipped": SIGNED,  # credit_rule=serl at lambda 1: RLSD's clipped weight as implementations restate it
+    "additive": SIGNED + ["algorithm.serl.credit_rule=additive", "algorithm.serl.additive_beta=1.0"],
+    "rlsd_nofb": SIGNED + ["algorithm.serl.credit_rule=rlsd", NO_FEEDBACK],
+    "additive_nofb": SIGNED + ["algorithm.serl.credit_rule=additive", "algorithm.serl.additive_beta=1.0",
+                               NO_FEEDBACK],
+    "hint_sd_nofb": [NO_FEEDBACK],
+    "serl_clip1": ["algorithm.serl.weight_clip=1.0"],
+    "serl_nodecay": ["algorithm.serl.lambda_decay_steps=null"],
+    "hero": [],  # recipes/cpu/toy_hero_env.yaml: the environment's error message is the reflector's diagnosis
+}
+# run-name prefix -> recipe (cpu/toy_<recipe>.yaml); the longest matching prefix wins
+RECIPES = {"grpo": "grpo", "hint_sd": "hint_sd", "serl": "serl", "rlsd": "serl", "additive": "serl",
+           "hero": "hero_env"}
 
 
 @dataclass(frozen=True)
@@ -169,19 +192,27 @@ def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, tra
 
 
 def recipe_for(name: str, lora: bool = False) -> str:
-    """The recipe of a demo run (an ablation runs its method's recipe with extra overrides)."""
-    method = "hint_sd" if name.startswith("hint_sd") else name
-    return f"cpu/toy_{method}{'_lora' if lora else ''}"
+    """The recipe of a demo run: its name's method prefix (an ablation or comparison run is its method's recipe with
+    extra overrides)."""
+    prefix = max((p for p in RECIPES if name == p or name.startswith(p + "_")), key=len, default=name)
+    return f"cpu/toy_{RECIPES.get(prefix, prefix)}{'_lora' if lora else ''}"
 
 
 def planned_runs(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
-    """(run name, extra overrides) per seed: ``cfg.methods`` (main methods or ablation names, in order), then with
-    ``cfg.ablations`` every ablation not already listed."""
-    unknown = [m for m in cfg.methods if m not in METHODS and m not in ABLATIONS]
+    """(run name, extra overrides) per seed: ``cfg.methods`` (main methods, ablation or comparison names, in order),
+    then with ``cfg.ablations`` every ablation not already listed."""
+    extra = {**ABLATIONS, **COMPARISON}
+    unknown = [m for m in cfg.methods if m not in METHODS and m not in extra]
     if unknown:
-        raise ValueError(f"unknown demo runs {unknown}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
+        raise ValueError(f"unknown demo runs {unknown}; choose from {', '.join(METHODS + tuple(extra))}")
     names = list(cfg.methods) + ([a for a in ABLATIONS if a not in cfg.methods] if cfg.ablations else [])
-    return [(name, list(ABLATIONS.get(name, []))) for name in names]
+    if cfg.lora:
+        from verl_hindsight.launch import recipes_dir
+
+        missing = [n for n in names if not (recipes_dir() / f"{recipe_for(n, lora=True)}.yaml").is_file()]
+        if missing:
+            raise ValueError(f"--lora: no LoRA recipe for {missing}; drop --lora or those runs")
+    return [(name, list(extra.get(name, []))) for name in names]
 
 
 def finish(cfg: DemoConfig, failures: list[str]) -> int:
@@ -191,7 +222,7 @@ def finish(cfg: DemoConfig, failures: list[str]) -> int:
 
     run_dir = cfg.run_dir
     plot = plot_run(run_dir)
-    if cfg.ablations or any(m in ABLATIONS for m in cfg.methods):
+    if cfg.ablations or any(m in ABLATIONS or m in COMPARISON for m in cfg.methods):
         from verl_hindsight.report.plots import plot_ablations
 
         for extra in plot_ablations(run_dir):

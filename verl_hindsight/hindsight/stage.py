@@ -99,7 +99,8 @@ class StagePlan:
     live: list[int]  # indices of the non-padding rows
     trajectories: list[Trajectory]  # one per live row
     plans: dict[int, Any]  # row index -> SplicePlan
-    inserted: dict[tuple[int, int], str]  # (row index, turn) -> feedback text the teacher sees there
+    # (row index, turn) -> feedback text the teacher sees there ("" under teacher.insert_feedback=false)
+    inserted: dict[tuple[int, int], str]
     skipped: dict[str, int]  # reason -> teacher sequences dropped (too long)
     student_tokens: int  # prompt + response tokens of the targeted rows
     metrics: dict[str, float]
@@ -144,13 +145,15 @@ def plan_stage(rows: list[Row], *, feedback_config, target_config, teacher_confi
         if not picked:
             continue
         plan = plan_teacher_sequences(row.prompt_ids, row.response_ids, picked, renderer, mode=teacher_config.mode,
-                                      max_length=teacher_config.max_length, overflow=teacher_config.overflow)
+                                      max_length=teacher_config.max_length, overflow=teacher_config.overflow,
+                                      insert_feedback=teacher_config.insert_feedback)
         for _, reason in plan.skipped:
             skipped[reason] = skipped.get(reason, 0) + 1
         plans[live[local]] = plan
         student_tokens += len(row.prompt_ids) + len(row.response_ids)
         scored = {t for seq in plan.sequences for t in seq.turns}
-        inserted.update({(live[local], t.turn): t.feedback for t in picked if t.turn in scored})
+        inserted.update({(live[local], t.turn): t.feedback if teacher_config.insert_feedback else ""
+                         for t in picked if t.turn in scored})
     return StagePlan(live, trajectories, plans, inserted, skipped, student_tokens, metrics)
 
 

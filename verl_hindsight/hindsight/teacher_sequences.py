@@ -15,6 +15,10 @@ Two modes:
 - ``cumulative``: one sequence per trajectory with every target's feedback inserted before its turn, so the
   feedback stays in context for later turns; it ends at the last target's action.
 
+With ``insert_feedback=False`` (``hindsight.teacher.insert_feedback``, the no-feedback control) the generation
+prompt is put back where the feedback would go, so every teacher sequence is the student's own context up to the
+target's action, scored at the student's own positions (``shift`` = 0).
+
 Positions are full-sequence positions (prompt + response). For a student token at position ``i`` in a target
 turn, the teacher scores the same token at ``i + shift``, where ``shift`` adds ``len(F) - len(G)`` for every
 insertion at or before that turn. Teacher log-probs are produced by a *scorer*: a callable mapping token
@@ -117,6 +121,7 @@ def plan_teacher_sequences(
     mode: str = "isolated",
     max_length: Optional[int] = None,
     overflow: str = "truncate_left",
+    insert_feedback: bool = True,
 ) -> SplicePlan:
     """Build the teacher sequences of one trajectory (see module docstring)."""
     if mode not in ("isolated", "cumulative"):
@@ -146,7 +151,8 @@ def plan_teacher_sequences(
         length = cursor = 0
         for t in group:
             start = p0 + t.message_start
-            pieces += [full[cursor:start - len(gen)], _ids(renderer.feedback_ids(t.feedback))]
+            inserted = _ids(renderer.feedback_ids(t.feedback)) if insert_feedback else gen
+            pieces += [full[cursor:start - len(gen)], inserted]
             length += len(pieces[-2]) + len(pieces[-1])
             student = torch.arange(t.action_start, t.action_end)
             positions.append(torch.stack([student, student + p0 + (length - start)], dim=1))

@@ -32,6 +32,13 @@ PANELS = (
 TEACHER_ABLATION = {"frozen (initial)": "hint_sd", "EMA": "hint_sd_ema", "lagged": "hint_sd_lagged",
                     "live (current policy)": "hint_sd_live"}
 PLACEMENT_ABLATION = {"at the failing turn": "hint_sd", "at the episode start": "hint_sd_episode_start"}
+# Issue 23's comparison (``verl_hindsight.demo.run.COMPARISON``), with the main methods as references
+CREDIT_RULES = {"GRPO": "grpo", "SERL (released)": "serl", "RLSD clipped, lambda 1": "rlsd_clipped",
+                "RLSD unclipped": "rlsd", "additive": "additive", "HINT-SD": "hint_sd", "HERO (env diagnosis)": "hero"}
+NO_FEEDBACK = {"HINT-SD": "hint_sd", "HINT-SD, no feedback": "hint_sd_nofb", "RLSD": "rlsd",
+               "RLSD, no feedback": "rlsd_nofb", "additive": "additive", "additive, no feedback": "additive_nofb"}
+SERL_ABLATION = {"SERL (clip 0.2, lambda decays)": "serl", "weight clip 1.0": "serl_clip1",
+                 "constant lambda": "serl_nodecay"}
 
 
 def _first_key(run: Run, keys: tuple[str, ...]) -> Optional[str]:
@@ -153,14 +160,22 @@ def plot_ablation(run_dir: Union[str, Path], runs: dict[str, str], out: Union[st
 
 
 def plot_ablations(run_dir: Union[str, Path]) -> list[Path]:
-    """The demo's two ablation figures, for whichever of their runs exist: ``ablation_teacher.png`` (frozen / EMA /
-    lagged / live teacher) and ``ablation_placement.png`` (feedback at the failing turn vs at the episode start)."""
+    """The demo's ablation and comparison figures, each written when one of its runs beyond its references exists:
+    ``ablation_teacher.png`` (frozen / EMA / lagged / live teacher), ``ablation_placement.png`` (feedback at the
+    failing turn vs at the episode start), ``credit_rules.png`` (signed credit rules against the main methods),
+    ``no_feedback.png`` (each no-feedback control next to its method) and ``ablation_serl.png`` (weight clip, decay)."""
     methods = {r.method for r in load_runs(Path(run_dir))}
     written = []
-    for name, spec, title in (
-            ("ablation_teacher.png", TEACHER_ABLATION, "HINT-SD teacher kind (a live teacher's gap collapses to 0)"),
-            ("ablation_placement.png", PLACEMENT_ABLATION, "HINT-SD feedback placement")):
-        variants = [m for m in spec.values() if m != "hint_sd"]
-        if any(m in methods for m in variants):
+    # per figure, the runs drawn only as references: the figure is written when one of its other runs exists
+    for name, spec, title, references in (
+            ("ablation_teacher.png", TEACHER_ABLATION, "HINT-SD teacher kind (a live teacher's gap collapses to 0)",
+             MAIN_METHODS),
+            ("ablation_placement.png", PLACEMENT_ABLATION, "HINT-SD feedback placement", MAIN_METHODS),
+            ("credit_rules.png", CREDIT_RULES, "signed credit rules (frozen teacher, lambda 1) vs the main methods",
+             MAIN_METHODS),
+            ("no_feedback.png", NO_FEEDBACK, "no-feedback controls: same targets, no hindsight text",
+             MAIN_METHODS + ("rlsd", "additive")),
+            ("ablation_serl.png", SERL_ABLATION, "SERL: weight clip and lambda decay", MAIN_METHODS)):
+        if any(m in methods for m in spec.values() if m not in references):
             written.append(plot_ablation(run_dir, spec, name, title))
     return written
