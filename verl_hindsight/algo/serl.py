@@ -57,9 +57,12 @@ def serl_weights(advantages: torch.Tensor, teacher_log_probs: torch.Tensor, old_
     """w_t = clip(exp(clamp(sign(A) * d_t, -20, 20)), 1 - eps, 1 + eps); computed in fp32, no gradient.
 
     All tensors (bs, response_length)."""
+    return _clipped_weights(advantages, teacher_gap(teacher_log_probs, old_log_probs), weight_clip)
+
+
+def _clipped_weights(advantages: torch.Tensor, gap: torch.Tensor, weight_clip: float) -> torch.Tensor:
     with torch.no_grad():
-        signed = torch.sign(advantages.float()) * teacher_gap(teacher_log_probs, old_log_probs)
-        return torch.clamp(torch.exp(signed), 1.0 - weight_clip, 1.0 + weight_clip)
+        return torch.clamp(torch.exp(torch.sign(advantages.float()) * gap), 1.0 - weight_clip, 1.0 + weight_clip)
 
 
 def _multiplicative(advantages: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
@@ -76,8 +79,7 @@ def serl_credit(advantages: torch.Tensor, gap: torch.Tensor, mask: torch.Tensor,
     Source: SERL, arXiv 2605.19447 (the rule and its defaults eps 0.2, lambda 0.5 decaying to 0 over 50 updates).
     The same clipped weight at l = 1 is RLSD's rule as implementations citing arXiv 2604.03128 restate it. The sign
     never flips. ``gap``: :func:`teacher_gap`; tensors (bs, response_length)."""
-    weights = torch.clamp(torch.exp(torch.sign(advantages.float()) * gap), 1.0 - serl.weight_clip,
-                          1.0 + serl.weight_clip)
+    weights = _clipped_weights(advantages, gap, serl.weight_clip)
     out = _multiplicative(advantages, weights, mask, mixing)
     if not mask.any():
         return out, {}
