@@ -6,7 +6,8 @@ import: each registration step runs on its own, and a failure is logged at WARNI
 
 On machines with an accelerator it only adds names (the CPU platform, which then never matches, and the
 ``hf`` rollout backend, loaded lazily). The CPU runtime (engines, patches, Ray resources) is activated only
-when verl will resolve to the CPU platform.
+on an explicit signal (``VERL_PLATFORM=cpu`` or a CPU-only torch build; see
+``runtime.cpu_platform.cpu_runtime_reason``), never because one process of a GPU job sees no GPU.
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def register_rollout_backends() -> None:
 
 
 def activate_cpu_runtime_if_selected() -> None:
-    from verl_hindsight.runtime.cpu_platform import cpu_runtime_selected
+    from verl_hindsight.runtime.cpu_platform import cpu_runtime_reason, pin_cpu_platform_for_child_processes
 
-    if not cpu_runtime_selected():
+    reason = cpu_runtime_reason()
+    if reason is None:
         return
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     from verl_hindsight.runtime.activate import activate_cpu_runtime
 
+    logger.info("verl-hindsight: CPU runtime selected (%s)", reason)
+    pin_cpu_platform_for_child_processes(reason)
     activate_cpu_runtime()
     for name in _GPU_ROLLOUTS:
         RolloutReplicaRegistry.register(name, _gpu_rollout_on_cpu(name))

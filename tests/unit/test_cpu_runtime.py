@@ -121,3 +121,69 @@ def test_plugin_import_in_a_fresh_interpreter_is_clean(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "FAILED []" in proc.stdout
     assert "Traceback" not in proc.stderr and "engine is not available" not in proc.stderr
+
+
+def test_cpu_runtime_needs_an_explicit_signal(monkeypatch):
+    from verl_hindsight.runtime import cpu_platform
+
+    monkeypatch.delenv("VERL_PLATFORM", raising=False)
+    monkeypatch.setattr(cpu_platform, "accelerator_platform_available", lambda: None)
+    assert "CPU-only build" in cpu_platform.cpu_runtime_reason()  # this machine's torch wheel
+    # a CUDA torch build: a process whose devices Ray hid is part of a GPU job, one that hid nothing is a CPU job
+    monkeypatch.setattr(cpu_platform, "torch_has_accelerator_build", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cpu_platform.cpu_runtime_reason() is None
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    assert cpu_platform.cpu_runtime_reason() == "VERL_PLATFORM=cpu"
+    monkeypatch.delenv("VERL_PLATFORM")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "none was hidden" in cpu_platform.cpu_runtime_reason()
+
+
+# A GPU job's GPU-less Ray actor (TaskRunner, agent-loop or reward worker): a CUDA torch build, devices hidden by
+# Ray, no nvidia-smi. The plugin must leave verl's own platform choice and the vLLM loader alone.
+_GPU_JOB_ACTOR = r"""
+import json, os, torch
+torch.version.cuda = "12.8"  # what a CUDA wheel reports; nothing else of torch is touched
+import verl
+from verl.plugin.platform.platform_manager import get_platform
+from verl.workers.rollout.replica import RolloutReplicaRegistry, _load_vllm
+import verl_hindsight.register as register
+from verl_hindsight.runtime.activate import cpu_runtime_active
+print(json.dumps({
+    "platform": type(get_platform()).__name__,
+    "vllm_loader_is_verls": RolloutReplicaRegistry._registry["vllm"] is _load_vllm,
+    "cpu_runtime_active": cpu_runtime_active(),
+    "failed_steps": register.FAILED_STEPS,
+    "VERL_PLATFORM": os.environ.get("VERL_PLATFORM"),
+    "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES"),
+}))
+"""
+
+
+def _run_probe(env_overrides: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "RAY_OVERRIDE_RESOURCES")}
+    env.update(env_overrides)
+    out = subprocess.run([sys.executable, "-c", _GPU_JOB_ACTOR], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_gpu_jobs_gpu_less_actor_keeps_verls_platform_and_vllm_loader():
+    seen = _run_probe({"CUDA_VISIBLE_DEVICES": ""})
+    assert seen == {"platform": "PlatformCUDA", "vllm_loader_is_verls": True, "cpu_runtime_active": False,
+                    "failed_steps": [], "VERL_PLATFORM": None, "RAY_OVERRIDE_RESOURCES": None}
+
+
+def test_a_cpu_job_pins_its_decision_for_the_processes_it_starts():
+    # the same CUDA build with nothing hidden (a laptop with the default wheel): CPU, and Ray's actors inherit it
+    seen = _run_probe({})
+    assert seen["platform"] == "PlatformCPU" and seen["cpu_runtime_active"]
+    assert not seen["vllm_loader_is_verls"] and seen["VERL_PLATFORM"] == "cpu"
+    assert seen["RAY_OVERRIDE_RESOURCES"] is not None

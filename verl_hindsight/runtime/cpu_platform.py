@@ -1,8 +1,8 @@
 """A CPU platform for verl's platform registry.
 
 verl 0.9.1 only knows accelerator platforms and falls back to "nvidia" when none is found, which then asks
-for NCCL and CUDA devices. This platform is what verl resolves to when no accelerator platform is available
-(or when ``VERL_PLATFORM=cpu``), and it is the single switch for the whole CPU runtime: the narrow
+for NCCL and CUDA devices. This platform is what verl resolves to on an explicit CPU signal
+(``VERL_PLATFORM=cpu`` or a CPU-only torch build; :func:`cpu_runtime_reason`), and it is the single switch for the whole CPU runtime: the narrow
 compatibility patches and the CPU engine registrations are activated from here, never on GPU machines.
 
 Two deliberate departures from the abstract interface, each forced by verl code that treats the platform's
@@ -124,12 +124,68 @@ def accelerator_platform_available() -> Optional[str]:
     return None
 
 
-def cpu_runtime_selected() -> bool:
-    """Whether verl will resolve to this platform in this process (explicitly or by auto-detection)."""
+def torch_has_accelerator_build() -> bool:
+    """Whether this torch build can drive any accelerator (CUDA, ROCm, XPU, NPU); a CPU-only wheel cannot."""
+    if torch.version.cuda or getattr(torch.version, "hip", None):
+        return True
+    if getattr(torch, "xpu", None) is not None and torch.xpu._is_compiled():
+        return True
+    return hasattr(torch, "npu")  # torch_npu patches itself into torch
+
+
+HIDDEN_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                      "ASCEND_RT_VISIBLE_DEVICES")
+
+
+def devices_hidden() -> bool:
+    """Whether this process's accelerators were hidden on purpose (Ray does this for actors without GPUs).
+
+    Such a process (a GPU job's TaskRunner, agent-loop or reward worker) sees no device, yet the job is a GPU
+    job: it must never decide on its own that it runs on CPU.
+    """
+    return any(os.environ.get(var) is not None and os.environ[var].strip() in ("", "-1")
+               for var in HIDDEN_DEVICE_VARS)
+
+
+def cpu_runtime_reason() -> Optional[str]:
+    """Why this process runs the CPU runtime, or None when verl's own platform choice is left alone.
+
+    Only explicit signals select the CPU runtime: ``VERL_PLATFORM=cpu``, or a torch build that has no
+    accelerator support at all. A process whose devices were hidden (a GPU job's GPU-less Ray actor) never
+    selects it without ``VERL_PLATFORM=cpu``. The remaining case, an accelerator-capable torch in a process
+    that sees no accelerator and had none hidden, is a CPU job started on a machine without one (a laptop with
+    the default CUDA wheel).
+    """
     requested = os.environ.get("VERL_PLATFORM", "").strip().lower()
     if requested:
-        return requested == PLATFORM_NAME
-    return accelerator_platform_available() is None
+        return f"VERL_PLATFORM={requested}" if requested == PLATFORM_NAME else None
+    if accelerator_platform_available() is not None:
+        return None
+    if not torch_has_accelerator_build():
+        return f"torch {torch.__version__} is a CPU-only build"
+    if devices_hidden():
+        return None
+    return NO_DEVICE_REASON
+
+
+def cpu_runtime_selected() -> bool:
+    """Whether verl will resolve to this platform in this process (see :func:`cpu_runtime_reason`)."""
+    return cpu_runtime_reason() is not None
+
+
+NO_DEVICE_REASON = "no accelerator is visible to this process and none was hidden from it"
+
+
+def pin_cpu_platform_for_child_processes(reason: str) -> None:
+    """Make the processes this one starts (Ray's local node and its actors) inherit a CPU decision that they
+    could not reach on their own.
+
+    Only the last rule of :func:`cpu_runtime_reason` needs it: an actor of such a job has an accelerator-capable
+    torch and (under Ray) hidden devices, so without ``VERL_PLATFORM=cpu`` it would defer to verl's CUDA
+    fallback. ``VERL_PLATFORM`` and a CPU-only torch build hold in every child anyway.
+    """
+    if reason == NO_DEVICE_REASON:
+        os.environ.setdefault("VERL_PLATFORM", PLATFORM_NAME)
 
 
 @PlatformRegistry.register(platform=PLATFORM_NAME)
