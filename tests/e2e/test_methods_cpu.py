@@ -204,3 +204,28 @@ def test_lagged_teacher_as_the_kl_anchor_moves_the_anchor(format_model, data, tm
     assert rows[2]["hindsight/reference_probe_logprob"] != rows[0]["hindsight/reference_probe_logprob"]
     log = (tmp_path / "verl.log").read_text()
     assert "kl_anchor=teacher: the KL to the reference follows the lagged teacher" in log
+
+
+@pytest.mark.parametrize("recipe, teacher", [
+    ("cpu/toy_serl", ["hindsight.teacher.kind=lagged", "hindsight.teacher.sync_interval=1"]),
+    ("cpu/toy_hint_sd", ["hindsight.teacher.kind=ema", "hindsight.teacher.ema_decay=0.5"]),
+])
+def test_without_a_kl_term_the_moving_teacher_takes_the_reference_models_place(format_model, data, tmp_path,
+                                                                              recipe, teacher):
+    """Every GPU recipe runs without a KL term: the reference engine then holds the teacher itself (no second copy
+    of the weights), and it must move, not stay the warm start that a KL anchor would be."""
+    overrides = _base(format_model, data, tmp_path) + teacher + [
+        "actor_rollout_ref.actor.use_kl_loss=false", "hindsight.teacher.log_probe=true"]
+    rows = run_recipe(recipe, tmp_path, overrides)
+    assert len(rows) == 2
+    assert not any(k.startswith("actor/kl") for m in rows for k in m)  # no KL term ran
+    for m in rows:
+        # one engine: what scores as the reference is the teacher, and it holds no weights of its own
+        assert m["hindsight/reference_probe_logprob"] == m["hindsight/teacher_probe_logprob"]
+        assert m["hindsight/teacher_state_bytes"] == 0.0
+        assert m["hindsight/targeted_tokens"] > 0
+    # step 1's teacher is the warm start (scored in fp32 like a plain transformers forward); after the update it moved
+    assert probe_gap_per_token(rows[0]["hindsight/teacher_probe_logprob"], base_model_probe(format_model)) < 1e-5
+    assert rows[0]["hindsight/teacher_update_mean_abs"] > 0
+    assert probe_gap_per_token(rows[1]["hindsight/teacher_probe_logprob"],
+                               rows[0]["hindsight/teacher_probe_logprob"]) > 1e-4
