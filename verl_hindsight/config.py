@@ -313,12 +313,9 @@ class HindsightConfig(BaseConfig):
         if self.enable and estimator != "serl" and not self.distill.enabled:
             raise ValueError("hindsight.enable=true but nothing uses the teacher: set algorithm.adv_estimator=serl "
                              "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
+        if self.enable:
+            self._validate_engine(config)
         if self.distill.enabled and self.distill.divergence == "topk_tail":
-            strategy = str(_get(config, "actor_rollout_ref", "actor", "strategy", default="fsdp"))
-            if strategy not in ("fsdp", "fsdp2"):
-                raise ValueError(f"hindsight.distill.divergence=topk_tail runs in the FSDP engine's logits hook; "
-                                 f"actor_rollout_ref.actor.strategy={strategy} is not supported (its logits are "
-                                 "vocab-sharded): use divergence=k3 there")
             if estimator == "serl":
                 raise ValueError("algorithm.adv_estimator=serl with hindsight.distill.divergence=topk_tail: SERL's "
                                  "weights need the teacher's log-prob of every sampled token, the top-k teacher pass "
@@ -341,11 +338,6 @@ class HindsightConfig(BaseConfig):
             raise ValueError(f"hindsight.analyzer.role={self.analyzer.role} asks a model about every episode but "
                              f"nothing reads its answer: add {reader} to hindsight.feedback.source, or set "
                              "hindsight.analyzer.role=none")
-        strategy = str(_get(config, "actor_rollout_ref", "actor", "strategy", default="fsdp"))
-        if self.enable and self.teacher.moves and strategy not in ("fsdp", "fsdp2"):
-            raise ValueError(f"hindsight.teacher.kind={self.teacher.kind} keeps and updates the teacher's weights "
-                             f"shard by shard on the FSDP engines; actor_rollout_ref.actor.strategy={strategy} is not "
-                             "supported: use kind=frozen or kind=live there, or strategy=fsdp2")
         if self.enable and lora_enabled(config):
             self._validate_lora(config)
         if estimator == "serl":
@@ -356,6 +348,29 @@ class HindsightConfig(BaseConfig):
                                  f"broadcasts the advantage over them only for {MULTI_ROW_BASE_ESTIMATORS}; use one of "
                                  "those or history_turns=null")
 
+
+    def _validate_engine(self, config: Any) -> None:
+        """Off the FSDP engines (verl's Megatron engine), refuse what needs FSDP internals, naming what remains.
+
+        A moving teacher keeps and updates its weights shard by shard through ``named_parameters()`` of one
+        module (Megatron keeps a list of model chunks); ``topk_tail`` runs in the logits hook, where Megatron's
+        logits are vocab-sharded and arrive with a ``data_format`` argument. What remains (a frozen or live teacher
+        scored by the reference/actor forward, sampled-token divergences, SERL) uses only verl's engine-agnostic
+        worker calls and loss signature; it has not run on Megatron.
+        """
+        strategy = str(_get(config, "actor_rollout_ref", "actor", "strategy", default="fsdp"))
+        if strategy in ("fsdp", "fsdp2"):
+            return
+        unsupported = []
+        if self.teacher.moves:
+            unsupported.append(f"hindsight.teacher.kind={self.teacher.kind}")
+        if self.distill.enabled and self.distill.divergence == "topk_tail":
+            unsupported.append("hindsight.distill.divergence=topk_tail")
+        if unsupported:
+            raise ValueError(f"actor_rollout_ref.actor.strategy={strategy} is not supported with "
+                             f"{' and '.join(unsupported)} (they need the FSDP engine's parameters and logits hook); "
+                             f"on {strategy} use hindsight.teacher.kind=frozen or live with hindsight.distill."
+                             "divergence=k1, k3 or jsd, or set actor_rollout_ref.actor.strategy=fsdp2")
 
     def _validate_lora(self, config: Any) -> None:
         """What LoRA changes: verl's reference is the base with the adapter off, a moving teacher is a second adapter

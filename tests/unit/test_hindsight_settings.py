@@ -230,13 +230,24 @@ def test_lora_settings_that_cannot_work_are_refused_with_the_fix():
     load_hindsight_config(_lora_cfg({"lora_rank": 8}, kl=False, teacher={"kind": "ema", "kl_anchor": "teacher"}))
 
 
-def test_a_moving_teacher_on_megatron_is_refused_at_start():
-    cfg = _cfg(enable=True, distill={"coef": 1.0}, teacher={"kind": "ema"})
+@pytest.mark.parametrize("kind", ["frozen", "live", "ema", "lagged"])
+@pytest.mark.parametrize("divergence", ["k1", "k3", "jsd", "topk_tail"])
+def test_on_megatron_every_teacher_and_divergence_is_accepted_or_refused_naming_what_works(kind, divergence):
+    cfg = _cfg(enable=True, distill={"coef": 1.0, "divergence": divergence}, teacher={"kind": kind})
     cfg.actor_rollout_ref = {"actor": {"strategy": "megatron"}}
-    with pytest.raises(ValueError, match="actor_rollout_ref.actor.strategy=megatron is not supported: use kind=frozen"):
+    refused = [name for name, bad in ((f"hindsight.teacher.kind={kind}", kind in ("ema", "lagged")),
+                                      ("hindsight.distill.divergence=topk_tail", divergence == "topk_tail")) if bad]
+    if not refused:
+        assert load_hindsight_config(cfg).teacher.kind == kind
+        return
+    with pytest.raises(ValueError) as err:
         load_hindsight_config(cfg)
-    cfg.hindsight.teacher.kind = "frozen"
-    assert load_hindsight_config(cfg).teacher.kind == "frozen"
+    message = str(err.value)
+    assert message.startswith(f"actor_rollout_ref.actor.strategy=megatron is not supported with {' and '.join(refused)}")
+    assert "use hindsight.teacher.kind=frozen or live with hindsight.distill.divergence=k1, k3 or jsd" in message
+    assert "\n" not in message
+    cfg.actor_rollout_ref = {"actor": {"strategy": "fsdp2"}}
+    assert load_hindsight_config(cfg).distill.divergence == divergence  # the same settings on FSDP
 
 
 def test_the_no_feedback_control_refuses_settings_it_would_ignore():
