@@ -3,6 +3,7 @@
     verl-hindsight demo [--run-dir DIR] [--steps N] [--quick]   # the main job: CPU training through stock verl
     verl-hindsight make-tiny-model DIR [--seed S ...]           # offline tiny Qwen2 + tokenizer
     verl-hindsight recipes                                      # where the recipe yaml files are
+    verl-hindsight plan RECIPE [overrides] --gpus N --gpu-mem GiB  # per-GPU memory plan: does it fit?
     verl-hindsight prepare-data ENV DIR | env-check ENV | view RUN_DIR | appworld ...
 
 Training always goes through stock ``python -m verl.trainer.main_ppo`` with a recipe from ``recipes/``;
@@ -127,6 +128,12 @@ def cmd_appworld(args: argparse.Namespace) -> int:
     return appworld_main((["--help"] if args.appworld_help else []) + args.appworld_args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from verl_hindsight.plan import run_cli
+
+    return run_cli(args)
+
+
 def cmd_recipes(_args: argparse.Namespace) -> int:
     print(recipes_dir())
     return 0
@@ -224,11 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recipes", help="print the recipes directory (for --config-path)")
     rec.set_defaults(func=cmd_recipes)
+
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a recipe: each part, whether it fits, which knob to "
+                          "turn (exit 0 fits, 1 does not, 2 bad input; nothing is loaded or downloaded)")
+    plan.add_argument("recipe", help="a recipe as main_ppo's --config-name under `verl-hindsight recipes`, e.g. "
+                      "alfworld/serl, bfcl/hint_sd_lora, serl (or a path to a yaml file)")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="hydra overrides, as on main_ppo's command line")
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="GPUs per node (sets trainer.n_gpus_per_node unless an override does; default: the "
+                           "recipe's)")
+    plan.add_argument("--gpu-mem", type=float, required=True,
+                      help="memory of one GPU in GiB, as torch reports it (80 for an 80 GB A100/H100, 139 for an "
+                           "H200)")
+    plan.add_argument("--nnodes", type=int, default=None,
+                      help="nodes (sets trainer.nnodes unless an override does; default: the recipe's)")
+    plan.add_argument("--targeted-frac", type=float, default=1.0,
+                      help="topk_tail only: fraction of response tokens the teacher targets (default 1.0, the "
+                           "worst case)")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "plan" and not any(e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]  # hydra overrides after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 
