@@ -76,12 +76,20 @@ def _chunked_topk(logits: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torc
     return values.reshape(*logits.shape[:-1], k), ids.reshape(*logits.shape[:-1], k)
 
 
-def _chunked_gather_log_probs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """log_softmax(logits).gather(ids) in fp32, chunked over tokens (differentiable; as verl's top-k loss does)."""
+def _chunked_gather_log_probs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,
+                              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax(logits).gather(ids) in fp32, chunked over tokens (differentiable; as verl's top-k loss does).
+
+    With ``rows`` (indices into the flattened tokens of ``logits``), only those tokens are computed and ``ids`` holds
+    one row per entry of ``rows``. Each chunk's fp32 logits stay alive for the backward pass (logsumexp saves them),
+    so selecting rows bounds that memory by the rows selected, not by all tokens; rows are selected chunk by chunk so
+    no second copy of the selected logits exists at once.
+    """
     flat, flat_ids = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, ids.shape[-1])
     parts = []
-    for s in range(0, flat.shape[0], chunk):
-        part = flat[s:s + chunk].float()
+    # one (empty) chunk when there are no rows keeps the result attached to the logits' graph
+    for s in range(0, max(flat_ids.shape[0], 1), chunk):
+        part = (flat[s:s + chunk] if rows is None else flat.index_select(0, rows[s:s + chunk])).float()
         parts.append(part.gather(-1, flat_ids[s:s + chunk]) - torch.logsumexp(part, dim=-1, keepdim=True))
     return torch.cat(parts, dim=0).reshape(*ids.shape)
 
@@ -114,13 +122,19 @@ def student_topk_tail_kl(student_logits: torch.Tensor, data) -> dict[str, torch.
         raise RuntimeError(f"teacher top-k layout {tuple(ids.shape[:2])} does not match the student logits "
                            f"{tuple(student_logits.shape[:2])}; pad_to_length and fused kernels are not supported "
                            "with hindsight.distill.divergence=topk_tail")
-    student = _chunked_gather_log_probs(student_logits, ids)
-    # positions without a teacher (prompt, untargeted tokens) carry all-zero log-probs, not a distribution: give
-    # them KL 0 (the loss masks them anyway; this keeps them finite)
+    # positions without a teacher (prompt, untargeted tokens) carry all-zero log-probs, not a distribution: they get
+    # KL 0 and masses 0 (the loss masks them anyway). Only targeted positions are computed, since each computed
+    # position keeps a full fp32 vocabulary row alive for the backward pass (~0.6 MB at V=152k)
     has_teacher = lps.ne(0).any(dim=-1)
-    teacher = torch.where(has_teacher.unsqueeze(-1), lps, student.detach())
+    rows = has_teacher.reshape(-1).nonzero().squeeze(-1)
+    teacher = lps.reshape(-1, lps.shape[-1]).index_select(0, rows)
+    student = _chunked_gather_log_probs(student_logits, ids.reshape(-1, ids.shape[-1]).index_select(0, rows),
+                                        rows=rows)
     kl = topk_tail_reverse_kl(student, teacher)
-    zero = torch.zeros_like(kl)
-    return {STUDENT_KL_KEY: torch.where(has_teacher, kl, zero),
-            STUDENT_MASS_KEY: torch.where(has_teacher, student.detach().exp().sum(-1), zero),
-            TEACHER_MASS_KEY: torch.where(has_teacher, teacher.exp().sum(-1), zero)}
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:  # zeros at untargeted positions, differentiable into values
+        return values.new_zeros(has_teacher.numel()).index_copy(0, rows, values).reshape(has_teacher.shape)
+
+    return {STUDENT_KL_KEY: scatter(kl),
+            STUDENT_MASS_KEY: scatter(student.detach().exp().sum(-1)),
+            TEACHER_MASS_KEY: scatter(teacher.exp().sum(-1))}
