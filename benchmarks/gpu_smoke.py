@@ -79,41 +79,23 @@ CHECKS = (
 )
 
 
-def recipes_dir() -> Path:
-    from verl_hindsight.launch import recipes_dir as installed
-
-    return installed()
-
-
 def overrides(check: Check, base: list[str], run_dir: Path) -> list[str]:
     return [*base, *check.overrides, f"trainer.default_local_dir={run_dir / 'ckpt'}"]
 
 
 def command(check: Check, base: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(recipes_dir()),
-            "--config-name", check.recipe, *overrides(check, base, run_dir)]
+    from verl_hindsight.launch import main_ppo_command
+
+    return main_ppo_command(check.recipe, overrides(check, base, run_dir))
 
 
 def compose(check: Check, base: list[str], run_dir: Path):
     """The config main_ppo would build from ``command()``, checked as main_ppo and the plugin check it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from verl.trainer.main_ppo import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
+    from verl_hindsight.plan import compose_recipe, validate
 
-    from verl_hindsight.config import load_hindsight_config
-
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        cfg = hydra_compose(config_name=check.recipe, overrides=overrides(check, base, run_dir))
-    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
-    load_hindsight_config(cfg)
+    cfg = compose_recipe(check.recipe, overrides(check, base, run_dir))
+    validate(cfg)
     return cfg
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def judge(check: Check, rc: int, run_dir: Path) -> str:
@@ -122,6 +104,8 @@ def judge(check: Check, rc: int, run_dir: Path) -> str:
     if rc != 0:
         errors = [line for line in log.splitlines() if "Error" in line or "error:" in line]
         return f"exit {rc}: {(errors or log.splitlines() or ['no output'])[-1][:300]}"
+    from verl_hindsight.launch import read_metrics
+
     rows = [r["data"] | {"step": r["step"]} for r in read_metrics(run_dir / "metrics.jsonl")]
     steps = sorted({r["step"] for r in rows})
     if steps[-1:] != [STEPS]:

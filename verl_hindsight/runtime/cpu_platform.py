@@ -2,8 +2,8 @@
 
 verl 0.9.1 only knows accelerator platforms and falls back to "nvidia" when none is found, which then asks
 for NCCL and CUDA devices. This platform is what verl resolves to on an explicit CPU signal
-(``VERL_PLATFORM=cpu`` or a CPU-only torch build; :func:`cpu_runtime_reason`), and it is the single switch for the whole CPU runtime: the narrow
-compatibility patches and the CPU engine registrations are activated from here, never on GPU machines.
+(:func:`cpu_runtime_reason`), and it is the single switch for the whole CPU runtime: the narrow compatibility
+patches and the CPU engine registrations are activated from here, never on GPU machines.
 
 Two deliberate departures from the abstract interface, each forced by verl code that treats the platform's
 answers as accelerator answers:
