@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_smoke.py                 # vLLM rollout (needs `pip install ".[vllm]"`)
     python benchmarks/gpu_smoke.py --rollout hf    # the plugin's transformers rollout (no vLLM needed)
+    python benchmarks/gpu_smoke.py --jobs 4        # the four training checks at once (one GPU each if there are 4)
     python benchmarks/gpu_smoke.py --dry-run       # print the commands, check every config composes (any machine)
 
 A random tiny model and the toy corridor are built on the spot, offline. Each check prints one
@@ -13,6 +14,7 @@ one folder per check with ``verl.log``, ``metrics.jsonl`` and ``command.txt``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +150,18 @@ def check_platform() -> str:
     return ""
 
 
+@functools.cache
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _stop_ray() -> None:
+    """A run killed at its timeout can leave its Ray node behind."""
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
 def prepare(workdir: Path, format_steps: int) -> tuple[Path, Path]:
     """A tiny random model taught the toy's ``<action>`` format (keys at random), and the toy's data. A model
     that never writes an action gives SERL and HINT-SD no action tokens to work on."""
@@ -174,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="names of the checks to run: platform and those of CHECKS")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and compose every config")
     parser.add_argument("--timeout-s", type=int, default=240, help="per check")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="checks run at once (one GPU each when there are enough, else sharing the GPU)")
     parser.add_argument("--format-steps", type=int, default=120,
                         help="supervised steps teaching the tiny model the action format (0: the random model)")
     parser.add_argument("--override", action="append", default=[],
@@ -185,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     model, data = prepare(workdir, 0 if args.dry_run else args.format_steps)
     base = [*toy_overrides(model, data, args.rollout), *args.override]
     checks = [c for c in CHECKS if args.only is None or c.name in args.only]
-    failed = 0
+    failures: list[str] = []  # appended to from the threads of --jobs
 
     def report(name: str, reason: str, seconds: float) -> None:
-        nonlocal failed
-        failed += bool(reason)
+        if reason:
+            failures.append(name)
         print(f"{'FAIL' if reason else 'PASS'} {name} ({seconds:.0f} s){': ' + reason if reason else ''}", flush=True)
 
     if args.dry_run:
@@ -203,17 +220,24 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # reported, not raised: every check gets its line
                 reason = f"{type(exc).__name__}: {exc}"
             report(f"{check.name} composes", reason, time.time() - start)
-        return failed
+        return len(failures)
 
     if args.only is None or "platform" in args.only:
         start = time.time()
         report("platform", check_platform(), time.time() - start)
-    for check in checks:
+    if args.jobs > 1 and args.rollout == "vllm" and _gpu_count() < args.jobs:
+        # vLLM reserves its share of the card at start: the shares of checks sharing one GPU must add up to < 1
+        base = [o for o in base if not o.startswith("actor_rollout_ref.rollout.gpu_memory_utilization=")]
+        base.append(f"actor_rollout_ref.rollout.gpu_memory_utilization={0.8 / args.jobs:.2f}")
+
+    def run_one(index: int, check: Check) -> None:
         run_dir = workdir / check.name
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = command(check, base, run_dir)
         (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
         env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(run_dir / "metrics.jsonl"), PYTHONUNBUFFERED="1")
+        if args.jobs > 1 and _gpu_count() >= args.jobs:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % args.jobs)
         start = time.time()
         with open(run_dir / "verl.log", "w") as log:
             try:
@@ -221,11 +245,18 @@ def main(argv: list[str] | None = None) -> int:
                                     timeout=args.timeout_s).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)  # a killed run can leave its node behind
+        if args.jobs == 1:
+            _stop_ray()
         report(check.name, judge(check, rc, run_dir), time.time() - start)
+
+    # each main_ppo starts its own local Ray cluster, so checks can share a machine without sharing a cluster
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run_one, range(len(checks)), checks))
+    if args.jobs > 1:
+        _stop_ray()
     ran = len(checks) + (args.only is None or "platform" in args.only)
-    print(f"{ran - failed}/{ran} checks passed; runs under {workdir}")
-    return failed
+    print(f"{ran - len(failures)}/{ran} checks passed; runs under {workdir}")
+    return len(failures)
 
 
 if __name__ == "__main__":
