@@ -48,15 +48,16 @@ def toy_overrides(model: Path, data: Path, rollout: str) -> list[str]:
     return [
         f"actor_rollout_ref.model.path={model}",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'val.parquet'}",
-        "data.train_batch_size=4", "data.max_prompt_length=256", "data.max_response_length=256",
-        "data.dataloader_num_workers=0",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "trainer.n_gpus_per_node=1", "data.train_batch_size=4", "data.max_prompt_length=256",
+        "data.max_response_length=256", "data.dataloader_num_workers=0",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        # the recipes batch by tokens; a budget of one toy row splits each pass into several micro-batches, as the
+        # recipes' budgets of 2-4 full rows do on real episodes
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=512",
         "actor_rollout_ref.actor.optim.lr=1e-4",
         "actor_rollout_ref.rollout.n=4", f"actor_rollout_ref.rollout.name={rollout}",
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.3", "actor_rollout_ref.rollout.max_model_len=512",
         "actor_rollout_ref.rollout.agent.num_workers=1", "reward.num_workers=1",
-        # a plain `.[vllm]` install has no flash-attn; verl's default attention would need it
-        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "hindsight.env.max_turns=8", "hindsight.env.episode_timeout_s=300",
         f"trainer.total_training_steps={STEPS}", "trainer.val_before_train=false", "trainer.test_freq=-1",
         "trainer.save_freq=-1", "trainer.logger=[console,file]",

@@ -315,6 +315,7 @@ class HindsightConfig(BaseConfig):
                              "(SERL) or hindsight.distill.coef > 0 (HINT-SD, HERO)")
         if self.enable:
             self._validate_engine(config)
+        self._validate_token_budgets(config)
         if self.distill.enabled and self.distill.divergence == "topk_tail":
             if estimator == "serl":
                 raise ValueError("algorithm.adv_estimator=serl with hindsight.distill.divergence=topk_tail: SERL's "
@@ -371,6 +372,40 @@ class HindsightConfig(BaseConfig):
                              f"{' and '.join(unsupported)} (they need the FSDP engine's parameters and logits hook); "
                              f"on {strategy} use hindsight.teacher.kind=frozen or live with hindsight.distill."
                              "divergence=k1, k3 or jsd, or set actor_rollout_ref.actor.strategy=fsdp2")
+
+    def _validate_token_budgets(self, config: Any) -> None:
+        """With dynamic batch sizes each micro-batch holds at most ``max_token_len_per_gpu x Ulysses SP`` tokens;
+        verl asserts that every row fits only when it splits the first batch. A training row is at most prompt +
+        response tokens; a teacher sequence (scored by the reference or the actor log-prob pass) at most
+        ``hindsight.teacher.max_length``, which defaults to the same sum."""
+        prompt = _get(config, "data", "max_prompt_length", default=None)
+        response = _get(config, "data", "max_response_length", default=None)
+        if prompt is None or response is None:
+            return
+        row = int(prompt) + int(response)
+        scored = max(row, int(self.teacher.max_length or 0)) if self.enable else row
+        arr = _get(config, "actor_rollout_ref", default={})
+        actor_sp = int(_get(arr, "actor", "ulysses_sequence_parallel_size", default=1) or 1)
+        actor_dynamic = bool(_get(arr, "actor", "use_dynamic_bsz", default=False))
+        budgets = (
+            ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", actor_dynamic,
+             _get(arr, "actor", "ppo_max_token_len_per_gpu"), actor_sp, row, "training rows"),
+            ("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+             bool(_get(arr, "rollout", "log_prob_use_dynamic_bsz", default=actor_dynamic)),
+             _get(arr, "rollout", "log_prob_max_token_len_per_gpu"), actor_sp, scored, "log-prob rows"),
+            ("actor_rollout_ref.ref.log_prob_max_token_len_per_gpu",
+             bool(_get(arr, "ref", "log_prob_use_dynamic_bsz", default=actor_dynamic)),
+             _get(arr, "ref", "log_prob_max_token_len_per_gpu"),
+             int(_get(arr, "ref", "ulysses_sequence_parallel_size", default=actor_sp) or 1), scored, "log-prob rows"),
+        )
+        for key, dynamic, budget, sp, need, what in budgets:
+            if not dynamic or budget is None or int(budget) * sp >= need:
+                continue
+            longest = (f"prompt {prompt} + response {response}" if need == row else
+                       f"hindsight.teacher.max_length={self.teacher.max_length}")
+            raise ValueError(f"{key}={budget} (x Ulysses SP {sp}) is below the longest of its {what} ({longest} = "
+                             f"{need} tokens): a dynamic micro-batch must hold one whole row; set {key} >= "
+                             f"{-(-need // sp)}")
 
     def _validate_lora(self, config: Any) -> None:
         """What LoRA changes: verl's reference is the base with the adapter off, a moving teacher is a second adapter
@@ -490,6 +525,33 @@ def settings_needing_the_trainer(settings: HindsightConfig) -> list[str]:
         if not f.name.startswith("_") and f.name != "env":
             walk(getattr(settings, f.name), getattr(defaults, f.name), f"{SECTION}.{f.name}")
     return asked
+
+
+FLASH_ATTENTION_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention_backend(config: Any, find_spec: Any = None) -> None:
+    """Refuse, before any worker loads the model, a GPU run whose attention needs a package that is not installed.
+
+    verl asks transformers for ``flash_attention_2`` unless ``model.override_config.attn_implementation`` says
+    otherwise; ``pip install ".[vllm]"`` brings no flash-attn (it builds against the local CUDA toolkit), and
+    without it transformers falls back to its ``kernels`` hub download or raises in every worker. The CPU runtime
+    swaps in SDPA itself, so CPU runs are not checked.
+    """
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    if str(_get(config, "trainer", "device", default="cuda")) == "cpu":
+        return
+    impl = str(_get(config, "actor_rollout_ref", "model", "override_config", "attn_implementation",
+                    default="flash_attention_2"))
+    module = FLASH_ATTENTION_MODULES.get(impl)
+    if module is None or find_spec(module) is not None or find_spec("kernels") is not None:
+        return
+    raise ValueError(f"actor_rollout_ref.model.override_config.attn_implementation={impl} (verl's default when unset) "
+                     f"needs the {module} module, which is not installed: install it (flash-attn, built for this "
+                     "CUDA/torch) or set actor_rollout_ref.model.override_config.attn_implementation=sdpa (the GPU "
+                     "recipes' setting)")
 
 
 def check_trainer_mode(config: Any, settings: Optional[HindsightConfig] = None) -> None:

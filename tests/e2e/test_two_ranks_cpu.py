@@ -4,6 +4,11 @@ Rollouts are greedy (``rollout.top_k=1``), so both runs train on the same batch 
 ranks' losses and teacher log-probs must agree there up to the order of floating-point reductions. Greedy groups
 are identical, so a group baseline (GRPO) gives every row advantage 0; SERL runs on verl's REINFORCE++ base instead,
 whose batch-wide baseline leaves non-zero advantages (the toy's partial returns differ between tasks).
+
+The two-rank runs batch by tokens as the GPU recipes do (``use_dynamic_bsz``, a budget of one full row, so every
+pass, the teacher's included, is split into several length-balanced micro-batches in another order), the one-rank
+runs by fixed micro-batches of rows: equal losses show the hindsight terms are normalized per mini-batch, not per
+micro-batch, and that the teacher's log-probs come back in row order.
 """
 
 import pytest
@@ -27,10 +32,15 @@ def _overrides(format_model, data, run_dir, ranks, extra=()):
             "actor_rollout_ref.rollout.top_k=1", "hindsight.teacher.log_probe=true", *extra]
 
 
+# one toy row is at most 256 + 256 tokens; the log-prob passes (rollout, ref: the teacher) follow the actor's budget
+DYNAMIC = ["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=512"]
+
+
 def _run(recipe, format_model, data, tmp_path, name, ranks, extra=()):
     run_dir = tmp_path / name
     run_dir.mkdir()
-    return run_recipe(recipe, run_dir, _overrides(format_model, data, run_dir, ranks, extra))
+    batching = DYNAMIC if ranks == 2 else []
+    return run_recipe(recipe, run_dir, _overrides(format_model, data, run_dir, ranks, [*batching, *extra]))
 
 
 def _two_workers(run_dir) -> bool:

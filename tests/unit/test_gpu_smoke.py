@@ -26,6 +26,10 @@ def test_dry_run_composes_every_check_with_the_shipped_gpu_recipes(tmp_path, cap
     # what the smoke exercises is the GPU recipes' own path: no KL (teacher in the reference role), FSDP2, vLLM
     assert not cfg.actor_rollout_ref.actor.use_kl_loss and cfg.trainer.device == "cuda"
     assert cfg.hindsight.teacher.kind == "ema" and cfg.actor_rollout_ref.rollout.max_model_len == 512
+    # the recipes' token-budget batching (one toy row per micro-batch) and attention, on one GPU
+    assert cfg.actor_rollout_ref.actor.use_dynamic_bsz and cfg.actor_rollout_ref.actor.ppo_max_token_len_per_gpu == 512
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    assert cfg.trainer.n_gpus_per_node == 1
 
 
 def test_dry_run_reports_a_config_that_does_not_compose(tmp_path, capsys):

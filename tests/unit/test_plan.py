@@ -28,6 +28,13 @@ def round_model(tmp_path_factory) -> Path:
     return folder
 
 
+# the arithmetic tests count fixed micro-batches of full rows; the shipped GPU recipes batch by tokens
+FIXED = ["actor_rollout_ref.actor.use_dynamic_bsz=false"]
+# bfcl/serl as first shipped (one GPU, vLLM sized for the model's context, fixed micro-batches): what the planner
+# was written to catch
+UNSIZED = ["actor_rollout_ref.rollout.max_model_len=null", *FIXED]
+
+
 def planned(recipe, overrides, gpus, gpu_mem, **kwargs):
     cfg = compose_recipe(recipe, overrides, gpus=gpus)
     validate(cfg)
@@ -64,7 +71,7 @@ def test_parameter_count_is_exact_on_a_tiny_model_built_offline(tmp_path, tied):
 def test_every_part_is_the_arithmetic_of_a_small_known_shape(round_model):
     # generic serl (lagged teacher in the reference slot, no KL), 2 GPUs of 40 GiB, rows of 1024 + 1024 tokens
     result = planned("serl", [f"actor_rollout_ref.model.path={round_model}", "data.max_prompt_length=1024",
-                              "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048"],
+                              "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048", *FIXED],
                      gpus=2, gpu_mem=40)
     assert result.params == PARAMS
     gib = 40 * GIB
@@ -96,7 +103,7 @@ def test_every_part_is_the_arithmetic_of_a_small_known_shape(round_model):
 
 def test_topk_buffers_lora_and_the_teachers_own_weights(round_model):
     base = [f"actor_rollout_ref.model.path={round_model}", "data.max_prompt_length=1024",
-            "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048"]
+            "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048", *FIXED]
     topk = planned("hint_sd", [*base, "hindsight.distill.divergence=topk_tail", "hindsight.distill.topk=8"],
                    gpus=1, gpu_mem=80, targeted_frac=0.5)
     update_tokens = 4 * 2048
@@ -123,7 +130,7 @@ def test_topk_buffers_lora_and_the_teachers_own_weights(round_model):
 
 def test_dynamic_batches_ulysses_and_offload_change_the_right_parts(round_model):
     base = [f"actor_rollout_ref.model.path={round_model}", "data.max_prompt_length=1024",
-            "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048"]
+            "data.max_response_length=1024", "actor_rollout_ref.rollout.max_model_len=2048", *FIXED]
     dyn = planned("grpo", [*base, "actor_rollout_ref.actor.use_dynamic_bsz=true",
                            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096"], gpus=4, gpu_mem=80)
     assert dyn.part("logits").bytes == pytest.approx(4096 * VOCAB * 6)  # log-prob budgets follow the actor's
@@ -151,21 +158,21 @@ def test_dynamic_batches_ulysses_and_offload_change_the_right_parts(round_model)
 
 
 def test_unset_max_model_len_is_the_reason_a_4b_recipe_does_not_fit_one_80gb_gpu(capsys):
-    assert main(["plan", "bfcl/serl", "--gpus", "1", "--gpu-mem", "80"]) == 1
+    assert main(["plan", "bfcl/serl", *UNSIZED, "--gpus", "1", "--gpu-mem", "80"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("does not fit: vLLM KV cache for one 262144-token sequence needs 36.0 GiB of ")
     assert "set actor_rollout_ref.rollout.max_model_len=12288" in out[-1]
     assert any(line.startswith("note: actor_rollout_ref.rollout.max_model_len is unset") for line in out)
 
     # overrides may also follow the options
-    assert main(["plan", "bfcl/serl", "--gpus", "1", "--gpu-mem", "80",
+    assert main(["plan", "bfcl/serl", *FIXED, "--gpus", "1", "--gpu-mem", "80",
                  "actor_rollout_ref.rollout.max_model_len=12288"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("does not fit: training phase (logits of ")
     assert "rollout.max_model_len" not in last and "use_dynamic_bsz=true" in last
 
     # following each knob in turn ends in a plan that fits
-    overrides = ["actor_rollout_ref.rollout.max_model_len=12288"]
+    overrides = [*FIXED, "actor_rollout_ref.rollout.max_model_len=12288"]
     for _ in range(3):
         result = planned("bfcl/serl", overrides, gpus=1, gpu_mem=80)
         if result.fits:
@@ -177,13 +184,14 @@ def test_unset_max_model_len_is_the_reason_a_4b_recipe_does_not_fit_one_80gb_gpu
 
 
 def test_vllm_weights_larger_than_the_share_name_tensor_parallelism():
-    result = planned("alfworld/serl", ["actor_rollout_ref.rollout.max_model_len=2560"], gpus=8, gpu_mem=24)
+    result = planned("alfworld/serl", ["actor_rollout_ref.rollout.tensor_model_parallel_size=1"], gpus=8, gpu_mem=24)
     knobs = [p.knob for p in result.problems if p.part.startswith("vLLM weights")]
     assert knobs and knobs[0].startswith("set actor_rollout_ref.rollout.tensor_model_parallel_size=2")
 
 
 def test_weights_too_big_for_one_gpu_name_more_gpus_and_eight_fit(capsys):
-    assert main(["plan", "alfworld/serl", "--gpus", "1", "--gpu-mem", "80"]) == 1
+    one_gpu = ["actor_rollout_ref.rollout.tensor_model_parallel_size=1"]
+    assert main(["plan", "alfworld/serl", *one_gpu, "--gpus", "1", "--gpu-mem", "80"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "fp32 weights, gradients and Adam state: 113.5 GiB" in last
     assert "more GPUs: the run fits on 4 (trainer.n_gpus_per_node=4)" in last and "offload_policy=true" in last

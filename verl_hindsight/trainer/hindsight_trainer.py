@@ -70,11 +70,14 @@ def _verl_estimator(config, name: str):
 @register_trainer(TRAINER_MODE)
 class HindsightTrainer(PPOTrainerSync):
     def __init__(self, config):
-        from verl_hindsight.config import load_hindsight_config, load_serl_config
+        from verl_hindsight.config import check_attention_backend, load_hindsight_config, load_serl_config
         from verl_hindsight.hindsight.feedback import get_feedback_source
+        from verl_hindsight.runtime.cpu_platform import cpu_runtime_selected
 
         # validated before any worker starts: a wrong config fails in seconds, not after model loading
         self.hs = load_hindsight_config(config)
+        if not cpu_runtime_selected():  # the CPU runtime runs every model on SDPA
+            check_attention_backend(config)
         get_feedback_source(self.hs.feedback.source)  # unknown feedback source names fail here
         self.serl = None
         if str(config.algorithm.adv_estimator) == "serl":
