@@ -20,6 +20,17 @@ def recipes_dir() -> Path:
     return path
 
 
+BENCHMARK_RECIPE_DIRS = ("alfworld", "webshop", "bfcl", "tau", "appworld")
+
+
+def gpu_recipe_names() -> list[str]:
+    """Every shipped GPU recipe as ``main_ppo`` and ``verl-hindsight plan`` name it: the generic ones (``serl``) and
+    the per-benchmark ones (``alfworld/serl_lora``)."""
+    root = recipes_dir()
+    generic = sorted(p.stem for p in root.glob("*.yaml") if p.stem != "hindsight_defaults")
+    return generic + [f"{env}/{p.stem}" for env in BENCHMARK_RECIPE_DIRS for p in sorted((root / env).glob("*.yaml"))]
+
+
 def main_ppo_command(recipe: str, overrides: list[str]) -> list[str]:
     """The stock verl command line for ``recipes/<recipe>.yaml`` (e.g. ``cpu/grpo_smoke``)."""
     group, _, name = recipe.rpartition("/")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# SERL on tau2-bench: recipes/tau/serl.yaml on one node of 8 GPUs (80 GB), vLLM rollout.
+#
+#   verl-hindsight prepare-data tau data/tau      # once; the recipe's header has the benchmark's setup
+#   bash examples/tau/run_serl.sh [hydra overrides...]
+#
+# NNODES, N_GPUS, DATA_DIR, MODEL, PROJECT, EXPERIMENT, LOGGER, CHECK_FIT, GPU_MEM, DRY_RUN: examples/run_recipe.sh
+exec bash "$(dirname "$0")/../run_recipe.sh" tau serl "$@"
