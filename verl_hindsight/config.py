@@ -543,13 +543,14 @@ def check_attention_backend(config: Any, find_spec: Any = None) -> None:
     find_spec = find_spec or importlib.util.find_spec
     if str(_get(config, "trainer", "device", default="cuda")) == "cpu":
         return
-    impl = str(_get(config, "actor_rollout_ref", "model", "override_config", "attn_implementation",
-                    default="flash_attention_2"))
+    asked = _get(config, "actor_rollout_ref", "model", "override_config", "attn_implementation")
+    impl = str(asked or "flash_attention_2")
     module = FLASH_ATTENTION_MODULES.get(impl)
     if module is None or find_spec(module) is not None or find_spec("kernels") is not None:
         return
-    raise ValueError(f"actor_rollout_ref.model.override_config.attn_implementation={impl} (verl's default when unset) "
-                     f"needs the {module} module, which is not installed: install it (flash-attn, built for this "
+    source = "" if asked else " (verl's default: the key is unset)"
+    raise ValueError(f"actor_rollout_ref.model.override_config.attn_implementation={impl}{source} needs the "
+                     f"{module} module, which is not installed: install it (flash-attn, built for this "
                      "CUDA/torch) or set actor_rollout_ref.model.override_config.attn_implementation=sdpa (the GPU "
                      "recipes' setting)")
 
