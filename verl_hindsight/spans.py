@@ -230,6 +230,64 @@ def _byte_level_offsets(backend, token_ids: list[int]) -> list[tuple[int, int]]:
     return offsets
 
 
+# the decoder of SentencePiece-BPE vocabularies converted to `tokenizers` (no dummy-prefix stripping)
+_SENTENCEPIECE_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+_FALLBACK_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _backend_sentencepiece(tokenizer):
+    """The ``tokenizers`` backend if its decoder is exactly :data:`_SENTENCEPIECE_DECODER`, else None."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return None
+    try:
+        state = json.loads(decoder.__getstate__())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return backend if state == _SENTENCEPIECE_DECODER else None
+
+
+def _fallback_byte(piece: Optional[str]) -> Optional[int]:
+    m = _FALLBACK_BYTE.fullmatch(piece) if piece is not None and len(piece) == 6 else None
+    return int(m.group(1), 16) if m else None
+
+
+def _sentencepiece_offsets(backend, token_ids: list[int]) -> list[tuple[int, int]]:
+    """Exact offsets for the SentencePiece decoder, in O(n), without calling ``decode`` per token."""
+    pieces = [backend.id_to_token(int(i)) for i in token_ids]
+    offsets: list[tuple[int, int]] = []
+    pos, i, n = 0, 0, len(pieces)
+    while i < n:
+        if _fallback_byte(pieces[i]) is None:
+            width = 0 if pieces[i] is None else len(pieces[i].replace("\u2581", " "))
+            offsets.append((pos, pos + width))
+            pos += width
+            i += 1
+            continue
+        j = i
+        while j < n and _fallback_byte(pieces[j]) is not None:
+            j += 1
+        data = bytes(_fallback_byte(p) for p in pieces[i:j])
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:  # the decoder writes one U+FFFD per byte piece of an invalid run
+            offsets.extend((pos + k, pos + k + 1) for k in range(j - i))
+            pos += j - i
+            i = j
+            continue
+        owner = []  # owner[b] = index of the character holding byte b
+        for k, ch in enumerate(text):
+            owner.extend([k] * _utf8_width(ch))
+        offsets.extend((pos + owner[b], pos + owner[b] + 1) for b in range(j - i))
+        pos += len(text)
+        i = j
+    return offsets
+
+
 def _incremental_offsets(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]:
     """Generic offsets from prefix decodes; O(n^2) decoding, used only for non-ByteLevel tokenizers.
 
@@ -268,6 +326,9 @@ def token_char_offsets(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]
       token holding only a middle byte has the one-character range of that character. Invalid byte runs decode to
       U+FFFD like in ``decode``, owned by the tokens carrying their bytes. Ids unknown to the tokenizer decode to
       nothing and get an empty range.
+    - SentencePiece-style tokenizers (Gemma, Llama-2: decoder ``▁`` -> space, byte fallback, fuse) are handled
+      exactly too: a run of byte-fallback pieces decodes as one UTF-8 string (each character owned by the pieces
+      carrying its bytes) or, if invalid, as one U+FFFD per piece, as ``tokenizers``' ByteFallback decoder does.
     - Other tokenizers: prefix decoding (quadratic, see ``_incremental_offsets``), exact where decoding is
       prefix-stable and approximate (wider, never narrower) at boundaries where it is not.
     """
@@ -277,6 +338,9 @@ def token_char_offsets(tokenizer, token_ids: list[int]) -> list[tuple[int, int]]
     backend = _backend_byte_level(tokenizer)
     if backend is not None:
         return _byte_level_offsets(backend, token_ids)
+    backend = _backend_sentencepiece(tokenizer)
+    if backend is not None:
+        return _sentencepiece_offsets(backend, token_ids)
     return _incremental_offsets(tokenizer, token_ids)
 
 
