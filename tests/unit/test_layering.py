@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     # the trainer, and the verl plugin entry point that registers everything
     "trainer": 5, "register": 5,
     # tools, on top of everything the training uses
-    "report": 6, "tiny_model": 6, "models": 6, "plan": 6,
+    "report": 6, "tiny_model": 6, "models": 6, "lift": 6, "plan": 6,
     "demo": 7,
     "cli": 8,
 }
