@@ -229,3 +229,30 @@ def test_teacher_splice_equals_the_render_with_feedback_inserted(tok):
     student = torch.tensor(prompt + response)
     for s, t in seq.positions.tolist():  # each scored position holds the same token in both sequences
         assert seq.token_ids[t] == student[len(prompt) + s]
+
+
+def test_lift_runs_with_the_pretrained_model(gemma_dir):
+    """`verl-hindsight lift` with a real tokenizer and template: the toy's text loop and its tool interface."""
+    from verl_hindsight.lift import run_lift
+
+    for kwargs in ({}, {"interface": "tools"}):
+        report = run_lift("toy", gemma_dir, sources=("immediate", "successful_sibling"), tasks=1, seed=1,
+                          env_kwargs=kwargs, progress=False)
+        assert not report.skipped and [s.covered for s in report.summaries] == [1, 1]
+        for case in report.cases:
+            assert case.student_correct < 0 and case.teacher_correct < 0 and case.student_wrong < 0
+            assert case.lift_correct != 0.0  # the feedback changes the context the action is scored in
+
+
+def test_lift_on_bfcl_tool_calls_at_real_length(gemma_dir):
+    """The tool loop at BFCL's real lengths (the task's function docs: 4.3k tokens), a perturbed call as the wrong
+    action, the environment's answer as feedback."""
+    pytest.importorskip("bfcl_eval", reason="BFCL is installed by the README's test command")
+    from verl_hindsight.lift import run_lift
+
+    report = run_lift("bfcl", gemma_dir, sources=("immediate",), tasks=1, env_kwargs={"category": "base"},
+                      progress=False)
+    assert not report.skipped and report.summaries[0].covered == 1
+    (case,) = report.cases
+    assert case.feedback and case.lift_correct != 0.0 and case.lift_wrong != 0.0
+    assert max(case.student_correct, case.student_wrong, case.teacher_correct, case.teacher_wrong) < 0

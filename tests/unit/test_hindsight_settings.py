@@ -1,6 +1,8 @@
 """The ``hindsight`` config block: misconfigurations fail with the key and the fix; the analyzer/reflector/error
 feedback sources read what the agent loop recorded."""
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -118,7 +120,7 @@ def test_every_shipped_recipe_composes_and_validates():
                                                             "hindsight.dump_rows=3"])
         settings = load_hindsight_config(cfg)
         assert settings.dump_rows == 3, path
-        method = path.stem.removeprefix("toy_").removesuffix("_lora")
+        method = re.sub(r"^(pretrained_[a-z]+_|toy_)", "", path.stem).removesuffix("_lora")
         if method in ("serl", "hint_sd", "hero"):
             assert settings.enable, path
         # a LoRA recipe trains an adapter (so verl keeps the reference inside the actor); the others do not

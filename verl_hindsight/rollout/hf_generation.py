@@ -205,8 +205,11 @@ class BatchedGenerator:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
         cache = DynamicCache()
+        # logits of every prompt position only when prompt log-probs are asked for: with a 262k-token vocabulary
+        # they are 1 GiB per 1k prompt tokens, where sampling needs the last position's alone
+        keep = 0 if any(r.prompt_logprobs is not None for r in requests) else 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
         results: list[Optional[GenerationResult]] = [None] * bsz
         generated: list[list[int]] = [[] for _ in range(bsz)]
         token_logprobs: list[list[float]] = [[] for _ in range(bsz)]
