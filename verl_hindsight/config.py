@@ -321,6 +321,11 @@ class HindsightConfig(BaseConfig):
                 raise ValueError("algorithm.adv_estimator=serl with hindsight.distill.divergence=topk_tail: SERL's "
                                  "weights need the teacher's log-prob of every sampled token, the top-k teacher pass "
                                  "keeps only its k most likely tokens; use divergence=k1, k3 or jsd with SERL")
+            if bool(_get(config, "actor_rollout_ref", "model", "use_fused_kernels", default=False)):
+                raise ValueError("hindsight.distill.divergence=topk_tail with actor_rollout_ref.model."
+                                 "use_fused_kernels=true: the top-k + tail loss and the teacher's top-k pass run on "
+                                 "full logits, which verl's fused kernels never materialize (both would be skipped); "
+                                 "set use_fused_kernels=false or divergence=k1, k3 or jsd")
         sources = self.feedback.sources
         if "analyzer" in sources and self.analyzer.role != "analyzer":
             raise ValueError("hindsight.feedback.source=analyzer needs hindsight.analyzer.role=analyzer")

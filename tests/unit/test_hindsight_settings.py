@@ -23,6 +23,16 @@ def test_serl_without_the_stage_is_an_error_naming_the_fix():
         load_hindsight_config(_cfg("serl"))
 
 
+def test_topk_tail_with_verl_fused_kernels_is_refused():
+    cfg = _cfg(enable=True, distill={"coef": 1.0, "divergence": "topk_tail", "topk": 4})
+    cfg.actor_rollout_ref = {"model": {"use_fused_kernels": True}}
+    with pytest.raises(ValueError, match=r"use_fused_kernels=true: the top-k \+ tail loss .* set use_fused_kernels="
+                                         "false or divergence=k1, k3 or jsd"):
+        load_hindsight_config(cfg)
+    cfg.hindsight.distill.divergence = "k3"
+    assert load_hindsight_config(cfg).distill.divergence == "k3"
+
+
 def test_distillation_without_the_stage_and_a_stage_nothing_uses_are_errors():
     with pytest.raises(ValueError, match="hindsight.enable=true"):
         load_hindsight_config(_cfg(distill={"coef": 1.0}))
