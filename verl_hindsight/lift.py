@@ -271,17 +271,18 @@ def trajectory(pair: Pair, steps: list[Step], uid: str, tool_env: bool):
 
 class Scorer:
     """Builds the student's tokens turn by turn (verl's token builder, as the agent loop does) and scores the
-    action at the sampled turn with and without spliced feedback (the stage's splicing and scorer)."""
+    action at the sampled turn with and without spliced feedback (the stage's splicing). Log-probs are the stage's
+    ``log p(x_j | x_<j)``, computed with logits for the action's positions only: both sequences end with the
+    action, and a 262k-token vocabulary makes full logits 1 GiB per 1k tokens (tau2's prompts are ~10k)."""
 
     def __init__(self, model, tokenizer, hf_model_type: Optional[str]):
         from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
-        from verl_hindsight.hindsight.teacher_sequences import FeedbackRenderer, transformers_scorer
+        from verl_hindsight.hindsight.teacher_sequences import FeedbackRenderer
 
-        self.tok = tokenizer
+        self.model, self.tok = model, tokenizer
         self.builder = create_continuous_token_builder(tokenizer, hf_model_type=hf_model_type)
         self.renderer = FeedbackRenderer(tokenizer, hf_model_type=hf_model_type)
-        self.score = transformers_scorer(model)
 
     def _gen_ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
@@ -315,11 +316,18 @@ class Scorer:
         a, b = char_span_to_token_span(self.tok, ids, *parsed.char_span)
         return ids, a, b
 
-    def student(self, prompt: list[int], response: list[int], a: int, b: int) -> float:
+    def log_probs_from(self, seq, first: int):
+        """``log p(x_j | x_<j)`` for j = first .. len(seq) - 1 (index j - first)."""
         import torch
 
-        logp = self.score([torch.tensor(prompt + response)])[0]
-        return float(logp[len(prompt) + a - 1:len(prompt) + b - 1].sum())
+        ids = torch.as_tensor(seq, dtype=torch.long)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids[None], logits_to_keep=len(ids) - first + 1).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(-1, ids[first:, None]).squeeze(-1)
+
+    def student(self, prompt: list[int], response: list[int], a: int, b: int) -> float:
+        first = len(prompt) + a
+        return float(self.log_probs_from(prompt + response, first)[:b - a].sum())
 
     def teacher(self, prompt: list[int], response: list[int], message_start: int, a: int, b: int,
                 feedback: str) -> float:
@@ -330,8 +338,9 @@ class Scorer:
         if not plan.sequences:
             raise RuntimeError(f"lift: the teacher sequence was not built ({plan.skipped})")
         seq = plan.sequences[0]
-        logp = self.score([seq.token_ids])[0]
-        return float(sum(logp[int(t) - 1] for _, t in seq.positions.tolist()))
+        scored = [int(t) for _, t in seq.positions.tolist()]
+        logp = self.log_probs_from(seq.token_ids, min(scored))
+        return float(sum(logp[t - min(scored)] for t in scored))
 
 
 def model_analyzer(model, tokenizer, max_new_tokens: int) -> Callable:
