@@ -231,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated feedback sources (registered names, '+' joins); default: %(default)s")
     lift.add_argument("--tasks", type=int, default=8, help="tasks of the split, from the first (default 8)")
     lift.add_argument("--seed", type=int, default=0, help="draws the turn and the wrong action")
-    lift.add_argument("--split", default="val", choices=["train", "val"])
+    lift.add_argument("--split", default="val", choices=["train", "val"], help="task split (default val)")
     lift.add_argument("--env-kwargs", default=None, help="JSON object of environment arguments")
-    lift.add_argument("--max-turns", type=int, default=30)
+    lift.add_argument("--max-turns", type=int, default=30, help="turn limit of the oracle's episode (default 30)")
     lift.add_argument("--after-wrong", type=int, default=2,
                       help="oracle turns played after the wrong action before the failed episode stops")
     lift.add_argument("--analyzer-tokens", type=int, default=256, help="max new tokens of the model's analyzer")
     lift.add_argument("--json", default=None, help="also write every case and the summary to this JSON file")
-    lift.add_argument("--no-progress", action="store_true")
+    lift.add_argument("--no-progress", action="store_true", help="no progress bar")
     lift.set_defaults(func=cmd_lift)
 
     prep = sub.add_parser("prepare-data", help="write train/val parquet for a registered environment")
