@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from verl_hindsight.agent_loops.env_check import write_action
+from verl_hindsight.agent_loops.tool_calls import display_calls
+
 DEFAULT_SOURCES = ("immediate", "next_observation", "future", "successful_sibling", "analyzer")
 
 
@@ -162,16 +165,6 @@ def perturb_call(payload: str, tools: Optional[list[dict]], rng: random.Random) 
     return json.dumps({"content": data.get("content", ""), "tool_calls": calls})
 
 
-def _write(action: str, tool_env: bool) -> str:
-    from verl_hindsight.agent_loops.env_check import format_action
-    from verl_hindsight.agent_loops.tool_calls import format_tool_calls
-
-    if tool_env:
-        payload = json.loads(action)
-        return format_tool_calls(payload["tool_calls"], payload.get("content", ""))
-    return format_action(action)
-
-
 def _oracle(session, env: str, task_id: str) -> str:
     action = session.oracle_action()
     if action is None:
@@ -190,7 +183,7 @@ def play_pair(pool, env: str, task_id: str, rng: random.Random, max_turns: int, 
         action = _oracle(s, env, task_id)
         for _ in range(max_turns):
             result = s.step(action)
-            correct.append(Step(here, action, _write(action, tool_env), result))
+            correct.append(Step(here, action, write_action(action, tool_env), result))
             if result.done:
                 break
             here = result.observation
@@ -228,7 +221,7 @@ def play_pair(pool, env: str, task_id: str, rng: random.Random, max_turns: int, 
         if bad is None:
             return "no_wrong_action"
         result = s.step(bad)
-        wrong.append(Step(here, bad, _write(bad, tool_env), result))
+        wrong.append(Step(here, bad, write_action(bad, tool_env), result))
         for _ in range(after_wrong):
             if result.done:
                 break
@@ -237,7 +230,7 @@ def play_pair(pool, env: str, task_id: str, rng: random.Random, max_turns: int, 
                 break
             observation = result.observation
             result = s.step(action)
-            wrong.append(Step(observation, action, _write(action, tool_env), result))
+            wrong.append(Step(observation, action, write_action(action, tool_env), result))
     return Pair(task_id, turn, correct, wrong, instructions, tools)
 
 
@@ -253,8 +246,7 @@ def trajectory(pair: Pair, steps: list[Step], uid: str, tool_env: bool):
         info = st.result.info or {}
         display = st.action
         if tool_env:
-            calls = json.loads(st.action)["tool_calls"]
-            display = "; ".join(f"{c['name']}({json.dumps(c['arguments'], sort_keys=True)})" for c in calls)
+            display = display_calls(json.loads(st.action)["tool_calls"])
         turns.append(TurnRecord(
             turn=k, response_span=(0, 0), has_action=True, action=display, observation=st.observation,
             anchor=st.observation, feedback=info.get("error") or st.result.observation, error=info.get("error"),

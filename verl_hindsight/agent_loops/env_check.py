@@ -41,14 +41,20 @@ def format_action(action: str, tag: str = "action") -> str:
     return f"<{tag}>{action}</{tag}>"
 
 
-def _write_and_parse(action: str, tool_env: bool, tag: str) -> tuple[str, Optional[str], Optional[str]]:
-    """Policy action -> model text in the agent's format -> (text, payload or None, parse error)."""
+def write_action(action: str, tool_env: bool, tag: str = "action") -> str:
+    """A policy's action (plain text, or a tool payload) as the model text that carries it."""
     if tool_env:
         payload = json.loads(action)
-        text = format_tool_calls(payload["tool_calls"], payload.get("content", ""))
+        return format_tool_calls(payload["tool_calls"], payload.get("content", ""))
+    return format_action(action, tag)
+
+
+def _write_and_parse(action: str, tool_env: bool, tag: str) -> tuple[str, Optional[str], Optional[str]]:
+    """Policy action -> model text in the agent's format -> (text, payload or None, parse error)."""
+    text = write_action(action, tool_env, tag)
+    if tool_env:
         parsed = parse_tool_calls(text)
         return text, (None if parsed.error else tool_payload(parsed.content, parsed.calls)), parsed.error
-    text = format_action(action, tag)
     parsed = parse_tagged_action(text, tag)
     return text, parsed.text, parsed.error
 

@@ -55,5 +55,10 @@ def format_tool_calls(calls: list[dict], content: str = "") -> str:
     return f"{content}{rendered}"
 
 
+def display_calls(calls: list[dict]) -> str:
+    """One line naming the calls, as trajectory records and feedback show them: ``name({"arg": ...}); ...``."""
+    return "; ".join(f"{c['name']}({json.dumps(c['arguments'], sort_keys=True)})" for c in calls)
+
+
 def tool_payload(content: str, calls: list[dict]) -> str:
     return json.dumps({"content": content, "tool_calls": calls}, sort_keys=True)

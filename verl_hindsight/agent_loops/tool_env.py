@@ -16,7 +16,7 @@ from verl.experimental.agent_loop.agent_loop import register
 from verl.experimental.agent_loop.tool_parser import ToolParser
 
 from verl_hindsight.agent_loops.env_loop import EnvAgentLoopBase, TurnAction
-from verl_hindsight.agent_loops.tool_calls import parse_tool_calls, tool_payload
+from verl_hindsight.agent_loops.tool_calls import display_calls, parse_tool_calls, tool_payload
 
 AGENT_NAME = "hindsight_tool_env"
 
@@ -53,7 +53,7 @@ class ToolEnvAgentLoop(EnvAgentLoopBase):
         if located is not None and len(parsed_calls) != len(located.calls):  # verl's parser dropped a call
             return TurnAction(None, "unparseable_tool_call", located.char_span, frozenset({"unparseable_tool_call"}))
         span = located.char_span if located is not None else ((0, len(text)) if parsed_calls else None)
-        display = "; ".join(f"{c['name']}({json.dumps(c['arguments'], sort_keys=True)})" for c in parsed_calls)
+        display = display_calls(parsed_calls)
         return TurnAction(tool_payload(content, parsed_calls), None, span, frozenset(), display or content)
 
     def assistant_message(self, text: str, action: TurnAction) -> dict:
