@@ -64,6 +64,9 @@ ORACLE_EXCLUDED: dict[str, dict[str, str]] = {"retail": {}, "airline": {}, "tele
 
 
 def _require_tau():
+    # tau2 imports litellm, which otherwise downloads a model price table from GitHub at import (three tries with
+    # back-off on an offline machine); nothing here uses prices. A value the user set wins.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
         import tau2.registry  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the install

@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from verl_hindsight.agent_loops.env_check import write_action
-from verl_hindsight.agent_loops.tool_calls import display_calls
-
 DEFAULT_SOURCES = ("immediate", "next_observation", "future", "successful_sibling", "analyzer")
 
 
@@ -175,6 +172,8 @@ def _oracle(session, env: str, task_id: str) -> str:
 
 def play_pair(pool, env: str, task_id: str, rng: random.Random, max_turns: int, after_wrong: int) -> Pair | str:
     """The correct and the failed episode of ``task_id`` (see the module docstring); a reason string to skip."""
+    from verl_hindsight.agent_loops.env_check import write_action  # imports verl: not at `--help` time
+
     with pool.session() as s:
         here = s.reset(task_id).text
         instructions, tools = s.instructions(), s.tools()
@@ -239,6 +238,7 @@ def play_pair(pool, env: str, task_id: str, rng: random.Random, max_turns: int, 
 
 def trajectory(pair: Pair, steps: list[Step], uid: str, tool_env: bool):
     """The hindsight stage's record of an episode (what the agent loop would have recorded)."""
+    from verl_hindsight.agent_loops.tool_calls import display_calls
     from verl_hindsight.hindsight.records import Trajectory, TurnRecord
 
     turns = []

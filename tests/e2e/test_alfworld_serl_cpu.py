@@ -13,13 +13,10 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("alfworld", reason="ALFWorld is installed by the README's test command (extra `alfworld`)")
 
 
-def test_serl_on_generated_alfworld_games(format_model, tmp_path):
-    from verl_hindsight.envs.alfworld_gen import ensure_generated
-
-    kwargs = {"source": "generated", "cache_dir": str(tmp_path / "games"),
-              "gen_splits": {"train": 1, "valid_seen": 1, "valid_unseen": 1}, "max_steps": 4}
-    # generate before training: the env workers' start-up limit is shorter than generating games
-    ensure_generated(kwargs["cache_dir"], 0, kwargs["gen_splits"])
+def test_serl_on_generated_alfworld_games(format_model, alfworld_default_games, tmp_path):
+    # the default generated set, made before training (the env workers' start-up limit is shorter than generating
+    # games) by the session fixture that the CLI test of tests/unit/test_alfworld.py checks
+    kwargs = {"source": "generated", "cache_dir": alfworld_default_games[0], "max_steps": 4}
     rows = env_rows("alfworld", "train", kwargs, limit=2)
     (tmp_path / "data").mkdir()
     pd.DataFrame(rows).to_parquet(tmp_path / "data" / "train.parquet")
@@ -41,6 +38,9 @@ def test_serl_on_generated_alfworld_games(format_model, tmp_path):
     for m in metrics:
         assert m.get("hindsight/env_failures", 0.0) == 0.0
         assert m["hindsight/rows_with_action_mask"] == 1.0
+        # history mode: one row per turn (a fresh prompt with the last steps), so episodes x turns = rows
+        assert m["hindsight/rows_with_turn_records"] == 1.0 and m["hindsight/action_tokens_on_observation"] == 0.0
+        assert m["hindsight/rows"] >= 4 and m["hindsight/turns_mean"] * 4 == pytest.approx(m["hindsight/rows"])
         assert m["serl/changed_tokens_outside_hindsight_mask"] == 0.0
         for k, v in m.items():
             if k.startswith(("hindsight/", "serl/")):

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("gemma")]
 
 TOOLS = [{"type": "function", "function": {"name": "cd", "description": "change directory",
                                             "parameters": {"type": "object",

@@ -18,7 +18,7 @@ import pytest
 
 from conftest_e2e import run_recipe
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("gemma")]
 
 
 def _prompt_length(gemma_dir, messages) -> int:
@@ -43,7 +43,8 @@ def test_hint_sd_with_the_model_as_analyzer_on_the_toy(gemma_dir, tmp_path):
     train, val = write_env_dataset("toy", tmp_path / "data", max_train=2, max_val=1)
     metrics = run_recipe("cpu/pretrained_toy_hint_sd", tmp_path, [
         f"actor_rollout_ref.model.path={gemma_dir}", f"data.train_files={train}", f"data.val_files={val}",
-        "data.max_response_length=64", "trainer.total_training_steps=1",
+        # short answers: the cost of a real 262k vocabulary shows at any length, and the CI budget is minutes
+        "data.max_response_length=32", "hindsight.analyzer.max_tokens=32", "trainer.total_training_steps=1",
         f"trainer.default_local_dir={tmp_path / 'ckpt'}"])
     assert [m["training/global_step"] for m in metrics if "timing_s/step" in m] == [1]
     env = make_env("toy")

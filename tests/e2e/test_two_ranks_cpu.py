@@ -56,9 +56,10 @@ SAME_VALUE = ("hindsight/gap_mean", "hindsight/gap_abs_mean", "hindsight/teacher
 
 
 HINT_SD = ["hindsight.teacher.kind=ema", "hindsight.teacher.ema_decay=0.5"]
-# SERL on REINFORCE++: greedy groups are identical, so a group baseline would give every row advantage 0
+# SERL on REINFORCE++: greedy groups are identical, so a group baseline would give every row advantage 0. Without a
+# KL term, as every GPU recipe runs: the reference engine then holds the lagged teacher itself
 SERL = ["hindsight.teacher.kind=lagged", "hindsight.teacher.sync_interval=1",
-        "algorithm.serl.base_estimator=reinforce_plus_plus"]
+        "algorithm.serl.base_estimator=reinforce_plus_plus", "actor_rollout_ref.actor.use_kl_loss=false"]
 
 
 def _compare(one, two, run_dirs, loss_keys):
@@ -77,11 +78,20 @@ def _compare(one, two, run_dirs, loss_keys):
     assert two[1]["hindsight/teacher_probe_logprob"] != two[0]["hindsight/teacher_probe_logprob"]
 
 
-def test_serl_lagged_at_two_ranks_matches_one_rank(format_model, data, tmp_path):
+def test_serl_lagged_without_kl_at_two_ranks_matches_one_rank(format_model, data, tmp_path):
     one = _run("cpu/toy_serl", format_model, data, tmp_path, "one", 1, SERL)
     two = _run("cpu/toy_serl", format_model, data, tmp_path, "two", 2, SERL)
     _compare(one, two, (tmp_path / "one", tmp_path / "two"),
              ("actor/pg_loss", "serl/weight_mean", "critic/advantages/max", "critic/advantages/min"))
+    # no KL term: what scores as the reference is the teacher, held by the reference engine without weights of its
+    # own; it starts as the warm start and moves with every sync, not staying put as a KL anchor would
+    for rows in (one, two):
+        assert not any(k.startswith("actor/kl") for m in rows for k in m)
+        for m in rows:
+            assert m["hindsight/reference_probe_logprob"] == m["hindsight/teacher_probe_logprob"]
+            assert m["hindsight/teacher_state_bytes"] == 0.0
+        assert rows[0]["hindsight/teacher_update_mean_abs"] > 0
+    assert probe_gap_per_token(one[0]["hindsight/teacher_probe_logprob"], base_model_probe(format_model)) < 1e-5
 
 
 def test_hint_sd_ema_topk_tail_at_two_ranks_matches_one_rank_and_resumes(format_model, data, tmp_path):
@@ -89,6 +99,13 @@ def test_hint_sd_ema_topk_tail_at_two_ranks_matches_one_rank_and_resumes(format_
     two = _run("cpu/toy_hint_sd", format_model, data, tmp_path, "two", 2, HINT_SD + ["trainer.save_freq=1"])
     _compare(one, two, (tmp_path / "one", tmp_path / "two"), ("actor/hindsight/distill_loss",))
     assert probe_gap_per_token(two[0]["hindsight/teacher_probe_logprob"], base_model_probe(format_model)) < 1e-5
+    # toy_common has a KL to the reference: the EMA teacher has its own weights and moves, the anchor stays the
+    # warm start, scored in fp32 like the actor (cpu_common.yaml)
+    for rows in (one, two):
+        assert rows[0]["hindsight/reference_probe_logprob"] == rows[0]["hindsight/teacher_probe_logprob"]
+        assert rows[1]["hindsight/reference_probe_logprob"] == rows[0]["hindsight/reference_probe_logprob"]
+        assert rows[1]["hindsight/teacher_state_bytes"] > 0
+    assert probe_gap_per_token(one[0]["hindsight/reference_probe_logprob"], base_model_probe(format_model)) < 1e-5
     # the EMA teacher is saved shard by shard, one file per rank, and a resume at two ranks restores it
     saved = tmp_path / "two" / "ckpt" / "global_step_1" / "hindsight_teacher"
     assert sorted(p.name for p in saved.glob("teacher_rank*.pt")) == ["teacher_rank0.pt", "teacher_rank1.pt"]
@@ -97,3 +114,4 @@ def test_hint_sd_ema_topk_tail_at_two_ranks_matches_one_rank_and_resumes(format_
     assert len(resumed) == 1  # only step 2 ran
     assert resumed[0]["hindsight/teacher_probe_logprob"] == pytest.approx(two[1]["hindsight/teacher_probe_logprob"],
                                                                           abs=1e-5)
+    assert resumed[0]["hindsight/reference_probe_logprob"] == two[0]["hindsight/reference_probe_logprob"]

@@ -3,10 +3,11 @@
 The wheel is built from a clean copy of the checkout's files (tracked plus untracked-but-not-ignored, as
 ``git ls-files`` lists them): building in the checkout itself would write ``build/`` there, and setuptools packs
 whatever a stale ``build/lib`` still holds (a module deleted from the source would ship). It is installed,
-non-editable, into a fresh venv with the CPU torch the README pins; then, from a folder outside the repository,
-every ``verl-hindsight`` subcommand answers ``--help`` and every installed module imports on its own.
-
-Slow (a full dependency install, ~3 minutes with a warm pip cache on 2 cores, plus one interpreter per module).
+non-editable and without its dependencies, into a fresh venv; the dependencies are this interpreter's, reached
+through a path file (a folder a ``.pth`` file names is put on ``sys.path`` without running that folder's own
+``.pth`` files, so the checkout's editable install does not come along). That pip resolves the wheel's dependencies
+with the CPU torch the README pins is checked by a dry run that installs nothing. Then, from a folder outside the
+repository, every ``verl-hindsight`` subcommand answers ``--help`` and every installed module imports on its own.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
+import sysconfig
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.xdist_group("wheel")]
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"  # resolves to the local CPU wheel here; never let pip pull a CUDA build
@@ -76,11 +76,10 @@ def venv(wheel, outside, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fresh") / "venv"
     created = _run([sys.executable, "-m", "venv", path], cwd=outside)
     assert created.returncode == 0, created.stderr
-    started = time.monotonic()
-    installed = _run([path / "bin" / "pip", "install", "--progress-bar", "off", TORCH, wheel], cwd=outside,
-                     env=_env(path), timeout=1500)
-    seconds = time.monotonic() - started
-    print(f"\n`pip install {TORCH} {wheel.name}` into a fresh venv took {seconds:.0f} s")
+    site = _python(path, "import sysconfig; print(sysconfig.get_paths()['purelib'])", outside).stdout.strip()
+    (Path(site) / "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = _run([path / "bin" / "pip", "install", "--no-deps", "--ignore-installed", "--progress-bar", "off",
+                      wheel], cwd=outside, env=_env(path))
     assert installed.returncode == 0, f"install failed:\n{installed.stdout[-4000:]}\n{installed.stderr[-4000:]}"
     return path
 
@@ -110,16 +109,26 @@ def test_wheel_contents(wheel, source):
     assert not missing and not stray, f"{wheel.name}: missing {missing}; outside the verl_hindsight package {stray}"
 
 
-def test_installed_copy_is_the_wheel_with_cpu_torch(venv, outside):
-    probe = _python(venv, "import json, torch, verl_hindsight; "
-                          "print(json.dumps([verl_hindsight.__file__, torch.__version__]))", outside)
+def test_installed_copy_is_the_wheel(venv, outside):
+    probe = _python(venv, "import json, verl_hindsight, verl_hindsight.envs; from importlib.metadata import "
+                          "distribution; print(json.dumps([verl_hindsight.__file__, verl_hindsight.envs.__file__, "
+                          "str(distribution('verl-hindsight').locate_file(''))]))", outside)
     assert probe.returncode == 0, probe.stderr[-4000:]
-    package_file, torch_version = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert Path(package_file).resolve().is_relative_to(venv.resolve()), f"imported {package_file}, not the venv's"
-    assert torch_version.endswith("+cpu"), f"pip installed torch {torch_version}, not the local CPU build"
-    listed = _run([venv / "bin" / "pip", "list", "--format=json"], cwd=outside, env=_env(venv))
-    cuda = sorted(d["name"] for d in json.loads(listed.stdout) if d["name"].lower().startswith("nvidia-"))
-    assert not cuda, f"CUDA packages were pulled into the CPU install: {cuda}"
+    for where in json.loads(probe.stdout.strip().splitlines()[-1]):
+        assert Path(where).resolve().is_relative_to(venv.resolve()), f"{where}: not the fresh venv's copy"
+
+
+def test_dependencies_resolve_with_the_cpu_torch(wheel, venv, outside, tmp_path):
+    """What `pip install torch==2.13.0 <wheel>` would install into a fresh venv, resolved without installing."""
+    report = tmp_path / "report.json"
+    resolved = _run([venv / "bin" / "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+                     report, TORCH, wheel], cwd=outside, env=_env(venv))
+    assert resolved.returncode == 0, f"resolution failed:\n{resolved.stdout[-4000:]}\n{resolved.stderr[-4000:]}"
+    versions = {d["metadata"]["name"].lower(): d["metadata"]["version"] for d in json.loads(report.read_text())["install"]}
+    assert versions["torch"].endswith("+cpu"), f"pip resolved torch {versions['torch']}, not the local CPU build"
+    assert "verl" in versions and "verl-hindsight" in versions
+    cuda = sorted(n for n in versions if n.startswith("nvidia-"))
+    assert not cuda, f"CUDA packages would be pulled into the CPU install: {cuda}"
 
 
 def test_every_cli_subcommand_answers_help(venv, outside):
@@ -137,9 +146,41 @@ def test_every_cli_subcommand_answers_help(venv, outside):
     assert not failures, "\n".join(failures)
 
 
+# Run by the fresh venv's interpreter: third-party modules the package imports anyway (none of them imports verl,
+# whose import runs the plugin's registration) are loaded once, then each module named in argv is imported in a
+# forked child, the first import of the package in that child. A fresh interpreter per module took ~4 s each.
+FORKED_IMPORTS = r"""
+import json, os, sys, tempfile
+import numpy, pandas, torch, tensordict, transformers, ray, omegaconf, hydra, datasets  # noqa: F401
+results = {}
+for name in sys.argv[1:]:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            import importlib, verl_hindsight
+            m = importlib.import_module(name)
+            print(json.dumps([m.__file__, verl_hindsight.__file__]), flush=True)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    results[name] = [os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()]
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def imported(venv, outside) -> dict[str, subprocess.CompletedProcess]:
-    """Every module of the installed package, imported alone in a fresh interpreter."""
+    """Every module of the installed package, imported alone (see FORKED_IMPORTS)."""
     where = _python(venv, "import verl_hindsight, pathlib; print(pathlib.Path(verl_hindsight.__file__).parent)",
                     outside)
     assert where.returncode == 0, where.stderr[-4000:]
@@ -148,11 +189,10 @@ def imported(venv, outside) -> dict[str, subprocess.CompletedProcess]:
     for path in sorted(package_dir.rglob("*.py")):
         parts = path.relative_to(package_dir.parent).with_suffix("").parts
         modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    code = ("import importlib, json, verl_hindsight; m = importlib.import_module({!r}); "
-            "print(json.dumps([m.__file__, verl_hindsight.__file__]))")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = pool.map(lambda name: _python(venv, code.format(name), outside, timeout=300), modules)
-        return dict(zip(modules, results))
+    ran = _run([venv / "bin" / "python", "-c", FORKED_IMPORTS, *modules], cwd=outside, env=_env(venv), timeout=900)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    results = json.loads(ran.stdout.strip().splitlines()[-1])
+    return {name: subprocess.CompletedProcess(name, *results[name]) for name in modules}
 
 
 def test_every_installed_module_imports(imported, venv):

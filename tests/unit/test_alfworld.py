@@ -19,9 +19,10 @@ FAST_SPLITS = {"valid_unseen": 1}  # one game of each task type (the e2e test co
 
 @pytest.fixture(scope="session")
 def alf_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("alfworld-gen")
-    ensure_generated(cache, seed=0, splits=FAST_SPLITS)
-    return str(cache)
+    from built_once import built_once
+
+    return str(built_once(tmp_path_factory, "alfworld-gen-fast",
+                          lambda folder: ensure_generated(folder, seed=0, splits=FAST_SPLITS)))
 
 
 @pytest.fixture(scope="session")
@@ -143,15 +144,16 @@ def test_env_without_generated_games_names_the_command_instead_of_generating(tmp
 
 
 @pytest.mark.e2e
-def test_default_generated_set_from_an_empty_cache_through_the_cli(tmp_path_factory):
+def test_default_generated_set_from_an_empty_cache_through_the_cli(alfworld_default_games):
     """First use as a user meets it: prepare-data generates the default 48-game set into a fresh cache (with a
-    progress bar), then `env-check --policy oracle` solves every game of every split."""
+    progress bar; the session fixture runs it, the e2e ALFWorld run trains on the same games), then
+    `env-check --policy oracle` solves every game of every split."""
     import subprocess
     import sys
 
     from verl_hindsight.agent_loops.env_check import run_env_check
 
-    cache = str(tmp_path_factory.mktemp("alfworld-gen-default"))
+    cache, prepare_stderr = alfworld_default_games
     kwargs = {"source": "generated", "cache_dir": cache}
 
     def cli(*args):
@@ -160,9 +162,7 @@ def test_default_generated_set_from_an_empty_cache_through_the_cli(tmp_path_fact
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    prepared = cli("prepare-data", "alfworld", str(tmp_path_factory.mktemp("alf-data")), "--env-kwargs",
-                   json.dumps(kwargs))
-    assert "generating ALFWorld games" in prepared.stderr and "48/48" in prepared.stderr  # the progress bar
+    assert "generating ALFWorld games" in prepare_stderr and "48/48" in prepare_stderr  # the progress bar
     for split in ("train", "valid_seen", "valid_unseen"):
         out = cli("env-check", "alfworld", "--policy", "oracle", "--tasks", "1000", "--workers", "2", "--split",
                   split, "--env-kwargs", json.dumps(kwargs)).stdout

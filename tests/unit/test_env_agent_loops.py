@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,6 @@ class InProcessServer:
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         return await self.server.generate(prompt_ids, dict(sampling_params), request_id)
-
-
-@pytest.fixture(scope="module")
-def format_model(tiny_model_dir, tmp_path_factory):
-    sys.path.insert(0, str(TESTS_DIR))
-    from format_sft import format_sft
-
-    return format_sft(tiny_model_dir, tmp_path_factory.mktemp("format_model"), steps=120)
 
 
 def make_loop(model_dir, loop_name="text", response_length=96, **env_settings):

