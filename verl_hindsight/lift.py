@@ -461,6 +461,9 @@ def format_table(report: LiftReport) -> str:
     rows = ["| source | covered | lift correct | lift wrong | margin change | fixed | broken | wrong lifted more |",
             "|---|---|---|---|---|---|---|---|"]
     for s in report.summaries:
+        if not s.covered:  # no feedback from this source: nothing to average (not a lift of nan)
+            rows.append(f"| {s.source} | 0/{s.cases} | | | | | | |")
+            continue
         rows.append(f"| {s.source} | {s.covered}/{s.cases} | {s.lift_correct:+.2f} | {s.lift_wrong:+.2f} | "
                     f"{s.margin_change:+.2f} | {s.fixed}/{s.student_wrong_first} | {s.broken}/{s.student_right_first}"
                     f" | {s.helps_wrong_more}/{s.covered} |")

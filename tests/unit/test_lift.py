@@ -57,6 +57,17 @@ def test_summary_by_hand():
     assert (s.fixed, s.student_wrong_first, s.broken, s.student_right_first, s.helps_wrong_more) == (1, 1, 1, 1, 1)
 
 
+def test_table_rows_by_hand_and_an_uncovered_source_left_blank():
+    from verl_hindsight.lift import LiftReport
+
+    cases = [Case("t0", 1, "s", "fb", -2.0, -1.0, -0.5, -1.5), Case("t0", 1, "analyzer", None, -2.0, -1.0)]
+    report = LiftReport(env="toy", model="m", seed=0, sources=["s", "analyzer"],
+                        summaries=[summarize("s", cases), summarize("analyzer", cases)], cases=cases)
+    rows = format_table(report).splitlines()
+    assert "| s | 1/1 | +1.50 | -0.50 | +2.00 | 1/1 | 0/0 | 0/1 |" in rows
+    assert "| analyzer | 0/1 | | | | | | |" in rows  # nothing to average: blank, not nan
+
+
 def test_an_env_without_oracle_is_refused_by_name():
     class NoOracle:
         def oracle_action(self):
