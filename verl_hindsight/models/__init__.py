@@ -86,6 +86,7 @@ def fetch_model(name: str, out_dir: Optional[str | Path] = None, install: bool =
     cache_root().mkdir(parents=True, exist_ok=True)
     from filelock import FileLock  # a verl dependency; several processes (test workers, jobs) may convert at once
 
+    # the folder's lock, and the GGUF's: conversions into different --out folders assemble the same cached GGUF
     with FileLock(str(folder) + ".lock"), FileLock(str(cache_root() / "gguf.lock")):
         if is_complete(folder, src):
             return folder
