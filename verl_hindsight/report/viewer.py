@@ -44,6 +44,7 @@ details.traj>summary{cursor:pointer;font-size:14px}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:2;
  margin-top:6px;border:1px solid #eee;padding:4px}
 .tok{border-radius:2px;padding:1px 0} .act{outline:1px solid #333} .tgt{text-decoration:underline double #a31515}
+.flip{font-weight:bold;text-decoration:underline wavy #5a1ea3}
 pre{white-space:pre-wrap;word-break:break-word;font-size:12px;background:#f6f6f6;padding:6px;margin:2px 0}
 .swatch{display:inline-block;width:14px;height:12px;vertical-align:middle;border:1px solid #ccc}
 img.curves{max-width:100%}
@@ -120,7 +121,8 @@ def _legend(kind: str) -> str:
     if kind == "weight":
         scale = "".join(f'<span class="swatch" style="background:{_colour(w, "weight")}"></span>'
                         for w in (0.5, 0.75, 1.0, 1.25, 1.5))
-        text = "colour: SERL weight on the advantage (blue &lt; 1 &lt; red; 0.5 … 1.5)"
+        text = ("colour: SERL weight on the advantage (blue &lt; 1 &lt; red; 0.5 … 1.5; none where the outcome's "
+                "advantage is 0) · bold wavy = the credit rule flipped the token's sign")
     else:
         scale = "".join(f'<span class="swatch" style="background:{_colour(k, "kl")}"></span>'
                         for k in (0.0, 0.5, 1.0, 1.5, 2.0))
@@ -136,10 +138,12 @@ def _hindsight_record(rec: dict, run: str, kind: str) -> str:
         if not isinstance(t, dict):
             continue
         value = t.get("serl_weight") if kind == "weight" else t.get("kl")
-        classes = "tok" + (" act" if t.get("action") else "") + (" tgt" if t.get("targeted") else "")
+        classes = ("tok" + (" act" if t.get("action") else "") + (" tgt" if t.get("targeted") else "")
+                   + (" flip" if t.get("flipped") else ""))
         tip = (f"old_lp {_fmt(t.get('old_lp'))} | teacher_lp {_fmt(t.get('teacher_lp'))} | gap {_fmt(t.get('gap'))}"
                f" | serl_weight {_fmt(t.get('serl_weight'))} | kl {_fmt(t.get('kl'))}"
-               f" | advantage {_fmt(t.get('advantage'))}")
+               f" | advantage {_fmt(t.get('advantage'))}"
+               + (f" (outcome's {_fmt(t.get('base_advantage'))})" if t.get("base_advantage") is not None else ""))
         spans.append(f'<span class="{classes}" style="background:{_colour(value, kind)}" title="{e(tip)}">'
                      f'{e(str(t.get("text", "")))}</span>')
     turns, targeted = [], []

@@ -24,22 +24,29 @@ from typing import Any, Optional
 
 
 def token_records(tokenizer, response_ids, action_mask, hindsight_mask, old_lp, teacher_lp, advantages,
-                  serl_factor: Optional[list[float]]) -> list[dict[str, Any]]:
+                  base_advantages: Optional[list[float]]) -> list[dict[str, Any]]:
+    """Per-token values of one response. ``base_advantages`` (SERL step only): the outcome's advantage before the
+    credit rule; a targeted token then carries it, the factor the rule applied (``serl_weight``, undefined where the
+    base is 0: only ``additive`` credits such tokens) and whether the rule flipped its sign."""
     out = []
     for i, tok in enumerate(response_ids):
         targeted = bool(hindsight_mask[i]) if i < len(hindsight_mask) else False
         # NaN: the token is outside a top-k teacher's k ids
         known = targeted and not math.isnan(teacher_lp[i])
         gap = teacher_lp[i] - old_lp[i] if known else None
+        advantage = float(advantages[i]) if i < len(advantages) else 0.0
+        base = float(base_advantages[i]) if (base_advantages is not None and targeted) else None
         out.append({
             "text": tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False),
             "action": int(action_mask[i]) if i < len(action_mask) else 0,
             "targeted": int(targeted),
-            "advantage": float(advantages[i]) if i < len(advantages) else 0.0,
+            "advantage": advantage,
+            "base_advantage": base,
             "old_lp": float(old_lp[i]),
             "teacher_lp": float(teacher_lp[i]) if known else None,
             "gap": float(gap) if gap is not None else None,
-            "serl_weight": float(serl_factor[i]) if (serl_factor is not None and targeted) else None,
+            "serl_weight": advantage / base if base else None,
+            "flipped": int(base is not None and advantage * base < 0),
             "kl": float(math.exp(max(-20.0, min(20.0, gap))) - gap - 1.0) if gap is not None else None,
         })
     return out
@@ -70,11 +77,11 @@ def write_step(dump_dir: str, step: int, records: list[dict]) -> str:
 
 
 def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, experiment: str, with_stage: bool,
-               serl_factor=None, feedback: Optional[dict] = None) -> None:
+               base_advantages=None, feedback: Optional[dict] = None) -> None:
     """Write the first ``max_rows`` non-padding rows of the batch (read from TransferQueue) as ``step_<k>.jsonl``.
 
-    ``serl_factor``: (bs, response_length) factor SERL applied to the advantage; ``feedback``: (row, turn) -> text
-    the teacher saw."""
+    ``base_advantages``: (bs, response_length) the outcome's advantage before SERL's credit rule; ``feedback``:
+    (row, turn) -> text the teacher saw."""
     from verl_hindsight.hindsight.teacher_sequences import sampled_log_probs
     from verl_hindsight.trainer import batch_io as io
 
@@ -99,7 +106,7 @@ def dump_batch(batch, *, dump_dir: str, max_rows: int, tokenizer, step: int, exp
         tokens = token_records(tokenizer, response, columns["action_mask"][k].tolist(), hmask,
                                columns["old_log_probs"][k].float().tolist(), teacher,
                                columns["advantages"][k].float().tolist(),
-                               serl_factor[row, :n].tolist() if serl_factor is not None else None)
+                               base_advantages[row, :n].float().tolist() if base_advantages is not None else None)
         prompt = tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=False)
         turn_feedback = {turn: text for (i, turn), text in feedback.items() if i == row}
         records.append(trajectory_record(step, experiment, str(uids[k]), extra[k] if isinstance(extra[k], dict) else {},

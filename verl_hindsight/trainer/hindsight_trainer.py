@@ -275,7 +275,7 @@ class HindsightTrainer(PPOTrainerSync):
             config=self.config.algorithm, teacher_log_probs=teacher_log_probs,
             old_log_probs=dense["old_log_probs"], hindsight_mask=dense["hindsight_mask"],
             updates_done=self.updates_done, base_advantages=base, metrics=metrics)
-        self._hs_serl_factor = torch.where(base != 0, advantages / base, torch.ones_like(advantages))
+        self._hs_base_advantages = base
         return io.put_response_columns(batch, {"advantages": advantages, "returns": returns}, data["response_mask"])
 
     def _update_actor(self, batch, metrics: dict):
@@ -294,7 +294,7 @@ class HindsightTrainer(PPOTrainerSync):
         dump_batch(batch, dump_dir=self.hs.dump_dir, max_rows=self.hs.dump_rows, tokenizer=self._renderer().tokenizer,
                    step=self.global_steps, experiment=str(self.config.trainer.experiment_name),
                    with_stage=self.hs.enable,
-                   serl_factor=getattr(self, "_hs_serl_factor", None) if self.serl is not None else None,
+                   base_advantages=getattr(self, "_hs_base_advantages", None) if self.serl is not None else None,
                    feedback=getattr(self, "_hs_feedback", {}) if self.hs.enable else {})
 
     def _validate(self, *args, **kwargs):
