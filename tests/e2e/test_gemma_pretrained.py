@@ -196,6 +196,32 @@ def test_action_spans_are_exact_on_real_tokens(tok, action):
         assert len(byte_tokens) == 4 and all(text[slice(*offsets[k])] == "\U0001FAE9" for k in byte_tokens)
 
 
+def test_format_start_labels_exactly_the_answers_in_gemma_turns(tok):
+    """The demo's warm start (benchmarks/pretrained_training.py's format start) on Gemma's template: the labelled
+    tokens are each answer and the end-of-turn token it stops on, never the turn markers."""
+    from verl_hindsight.demo.warm_start import _episode, _tokenize
+    from verl_hindsight.envs.toy import KeyDoorCorridor
+
+    rng = random.Random(0)
+    for _ in range(20):
+        messages = _episode(KeyDoorCorridor(), rng, hint_prob=0.5, unhinted_target="random")
+        ids, labels = _tokenize(tok, messages)
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        assert ids == _render(tok, plain, gen=False)
+        runs, current = [], []
+        for tid, lab in zip(ids, labels):
+            if lab == -100:
+                if current:
+                    runs.append(current)
+                current = []
+            else:
+                assert lab == tid
+                current.append(tid)
+        runs += [current] if current else []
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert [tok.decode(r) for r in runs] == [a + "<end_of_turn>" for a in answers]
+
+
 def test_teacher_splice_equals_the_render_with_feedback_inserted(tok):
     """The self-teacher's sequence, spliced from the student's token ids, is the template's render of the same
     conversation with the feedback as a user turn before the target assistant turn."""

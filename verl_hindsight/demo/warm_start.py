@@ -48,24 +48,27 @@ def _episode(env: KeyDoorCorridor, rng: random.Random, hint_prob: float,
 
 
 def _tokenize(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Ids of the rendered conversation and labels on the assistant answers only (not the generation prompt)."""
-    head = len(tok.encode("<|im_start|>assistant\n", add_special_tokens=False))
-    key_at = head + len(tok.encode("<action>", add_special_tokens=False))
+    """Ids of the rendered conversation and labels on the assistant answers only, tokenized as a rollout sees them:
+    the context up to each answer rendered with the template's generation prompt, then the answer. Rendering message
+    by message would not do: a template may fold the system text into the first user turn (Gemma's does), so a
+    shorter conversation's render is not always a prefix of a longer one's; one that ends with an answer is."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    ids, labels = [], []
+    ids, labels, done = [], [], ""
     for i, m in enumerate(messages):
-        prefix = tok.apply_chat_template(plain[:i], tokenize=False) if i else ""
-        full = tok.apply_chat_template(plain[: i + 1], tokenize=False)
-        piece = tok.encode(full[len(prefix):], add_special_tokens=False)
-        ids += piece
         if m["role"] != "assistant":
-            labels += [-100] * len(piece)
             continue
-        label = [-100] * head + piece[head:]
+        opened = tok.apply_chat_template(plain[:i], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(plain[: i + 1], tokenize=False)
+        context = tok.encode(opened[len(done):], add_special_tokens=False)
+        answer = tok.encode(full[len(opened):], add_special_tokens=False)
+        label = list(answer)
         if m.get("no_key_label"):
-            label[key_at] = -100  # the format is taught, the key of an un-hinted turn is not
-        labels += label
-    return ids, labels
+            label[len(tok.encode("<action>", add_special_tokens=False))] = -100  # the format only, not the key
+        ids += context + answer
+        labels += [-100] * len(context) + label
+        done = full
+    rest = tok.encode(tok.apply_chat_template(plain, tokenize=False)[len(done):], add_special_tokens=False)
+    return ids + rest, labels + [-100] * len(rest)
 
 
 def warm_start(model_dir, out_dir, steps: int = 300, seed: int = 0, lr: float = 3e-3, hint_prob: float = 0.5,
