@@ -29,8 +29,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = DemoConfig.quick(run_dir)
     else:
-        cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps, test_freq=args.test_freq,
-                         warm_steps=args.warm_steps, ablations=args.ablations,
+        cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps,
+                         test_freq=args.test_freq, warm_steps=args.warm_steps, ablations=args.ablations,
                          stop_at=args.stop_at if args.stop_at > 0 else None, overrides=tuple(args.override or ()),
                          warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:  # a bad --jobs or --methods fails here, before the warm start
         cfg = replace(cfg, methods=methods, ablations=args.ablations, jobs=args.jobs, lora=args.lora)
         if not args.quick:
-            cfg = replace(cfg, batch_tasks=args.batch_tasks)
+            cfg = replace(cfg, batch_tasks=args.batch_tasks, first_seed=args.first_seed)
         planned_runs(cfg)
     except ValueError as exc:
         raise SystemExit(f"verl-hindsight demo: {exc}") from None
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=200, help="training budget per run in steps (default 200; a run "
                       "that has not reached --stop-at by then counts at the budget)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1; 3 for the study)")
+    demo.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): --first-seed 1 "
+                      "--seeds 2 adds seeds 1 and 2 next to a seed-0 run in the same --run-dir")
     demo.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default 10)")
     demo.add_argument("--warm-steps", type=int, default=400, help="supervised warm-start steps (default 400)")
     demo.add_argument("--stop-at", type=float, default=0.8,
@@ -187,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", help="comma-separated runs: grpo,hint_sd,serl (default all three) and/or the "
                            "ablations hint_sd_ema,hint_sd_lagged,hint_sd_live,hint_sd_episode_start, the signed "
                            "credit rules rlsd,rlsd_clipped,additive, the SERL ablations serl_clip1,serl_nodecay, the "
-                           "no-feedback controls hint_sd_nofb,rlsd_nofb,additive_nofb, and hero (the environment's "
-                           "error as the reflector's diagnosis); docs/methods.md")
+                           "no-feedback controls hint_sd_nofb,rlsd_clipped_nofb,rlsd_nofb,additive_nofb, and hero "
+                           "(the environment's error as the reflector's diagnosis); docs/methods.md")
     demo.add_argument("--warm-model", help="reuse this warm-started model (e.g. RUN_DIR/warm_model of an earlier run)")
     demo.add_argument("--ablations", action="store_true",
                       help="also HINT-SD with EMA/lagged/live teachers and with the feedback at the episode start")

@@ -77,6 +77,25 @@ def test_runs_go_at_most_jobs_at_a_time_each_on_its_own_line(tmp_path, jobs):
                 assert a[2] != b[2], (a, b)
 
 
+def test_first_seed_shifts_the_seeds_and_their_folders(tmp_path):
+    cfg = DemoConfig(run_dir=tmp_path, seeds=2, first_seed=1, methods=("rlsd_clipped",), jobs=1)
+    runner = RecordingRunner()
+    assert run_all(cfg, planned_runs(cfg), Path("model"), Path("train"), Path("val"), runner=runner) == []
+    assert [c[0] for c in runner.calls] == ["rlsd_clipped seed 1", "rlsd_clipped seed 2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rlsd_clipped-s1", "rlsd_clipped-s2"]
+
+
+def test_a_run_already_made_in_the_folder_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "grpo-s1").mkdir()
+    (tmp_path / "grpo-s1" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "hint_sd-s1").mkdir()  # a folder without metrics (a run that never started) is reused
+    with pytest.raises(SystemExit, match=r"already holds runs \['grpo-s1'\]; remove those folders"):
+        main(["demo", "--run-dir", str(tmp_path), "--methods", "grpo,hint_sd", "--seeds", "2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grpo-s1", "hint_sd-s1"]
+    assert _names(methods=("grpo",), seeds=1) == ["grpo"]  # seed 0 only: seed 1's folder is not in the way
+    assert [n for n, _ in planned_runs(DemoConfig(run_dir=tmp_path, methods=("grpo",), first_seed=2))] == ["grpo"]
+
+
 def test_ablations_run_the_hint_sd_recipe(tmp_path):
     cfg = DemoConfig(run_dir=tmp_path, methods=("hint_sd_live", "serl"), jobs=1)
     runner = RecordingRunner()
@@ -85,12 +104,12 @@ def test_ablations_run_the_hint_sd_recipe(tmp_path):
                                                    ("serl seed 0", "cpu/toy_serl")]
 
 
-@pytest.mark.parametrize("flag", ["--jobs", "--batch-tasks"])
-def test_a_count_below_one_is_refused_before_anything_runs(tmp_path, flag):
-    with pytest.raises(ValueError, match=rf"{flag} 0: "):
-        DemoConfig(run_dir=tmp_path, **{flag[2:].replace("-", "_"): 0})
-    with pytest.raises(SystemExit, match=rf"{flag} 0: "):
-        main(["demo", flag, "0", "--run-dir", str(tmp_path / "demo")])
+@pytest.mark.parametrize("flag, value", [("--jobs", 0), ("--batch-tasks", 0), ("--first-seed", -1)])
+def test_a_count_below_one_is_refused_before_anything_runs(tmp_path, flag, value):
+    with pytest.raises(ValueError, match=rf"{flag} {value}: "):
+        DemoConfig(run_dir=tmp_path, **{flag[2:].replace("-", "_"): value})
+    with pytest.raises(SystemExit, match=rf"{flag} {value}: "):
+        main(["demo", flag, str(value), "--run-dir", str(tmp_path / "demo")])
     assert not (tmp_path / "demo").exists()
 
 
@@ -118,7 +137,7 @@ def test_comparison_runs_are_named_alone_with_their_overrides_and_not_added_by_a
 @pytest.mark.parametrize("name, recipe", [
     ("grpo", "cpu/toy_grpo"), ("serl", "cpu/toy_serl"), ("hint_sd_live", "cpu/toy_hint_sd"),
     ("hint_sd_nofb", "cpu/toy_hint_sd"), ("rlsd", "cpu/toy_serl"), ("rlsd_clipped", "cpu/toy_serl"),
-    ("additive_nofb", "cpu/toy_serl"), ("serl_nodecay", "cpu/toy_serl"), ("hero", "cpu/toy_hero_env")])
+    ("additive_nofb", "cpu/toy_serl"), ("rlsd_clipped_nofb", "cpu/toy_serl"), ("serl_nodecay", "cpu/toy_serl"), ("hero", "cpu/toy_hero_env")])
 def test_recipe_comes_from_the_run_name_s_method(name, recipe):
     assert recipe_for(name) == recipe
 
@@ -136,11 +155,12 @@ def test_every_comparison_run_composes_on_its_recipe_and_sets_what_it_names():
         with initialize_config_dir(config_dir=str(recipe.parent), version_base=None):
             cfg = compose(config_name=recipe.stem, overrides=["data.train_files=x", "data.val_files=y", *overrides])
         loaded[name] = (load_hindsight_config(cfg), load_serl_config(cfg.algorithm), str(cfg.algorithm.adv_estimator))
-    for name in ("rlsd", "rlsd_clipped", "additive", "rlsd_nofb", "additive_nofb"):
+    for name in ("rlsd", "rlsd_clipped", "additive", "rlsd_nofb", "rlsd_clipped_nofb", "additive_nofb"):
         hs, serl, estimator = loaded[name]
         assert estimator == "serl" and hs.teacher.kind == "frozen"
         assert serl.mixing(0) == serl.mixing(10**6) == 1.0  # full strength, no decay
-        assert serl.credit_rule == {"rlsd_clipped": "serl"}.get(name, name.removesuffix("_nofb"))
+        rule = name.removesuffix("_nofb")
+        assert serl.credit_rule == {"rlsd_clipped": "serl"}.get(rule, rule)
         assert hs.teacher.insert_feedback == (not name.endswith("_nofb"))
     assert loaded["serl_clip1"][1].weight_clip == 1.0 and loaded["serl_clip1"][0].teacher.kind == "lagged"
     assert loaded["serl_nodecay"][1].mixing(10**6) == 0.5

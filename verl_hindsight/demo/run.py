@@ -51,6 +51,7 @@ COMPARISON = {
     "rlsd_clipped": SIGNED,  # credit_rule=serl at lambda 1: RLSD's clipped weight as implementations restate it
     "additive": SIGNED + ["algorithm.serl.credit_rule=additive", "algorithm.serl.additive_beta=1.0"],
     "rlsd_nofb": SIGNED + ["algorithm.serl.credit_rule=rlsd", NO_FEEDBACK],
+    "rlsd_clipped_nofb": SIGNED + [NO_FEEDBACK],
     "additive_nofb": SIGNED + ["algorithm.serl.credit_rule=additive", "algorithm.serl.additive_beta=1.0",
                                NO_FEEDBACK],
     "hint_sd_nofb": [NO_FEEDBACK],
@@ -67,6 +68,7 @@ RECIPES = {"grpo": "grpo", "hint_sd": "hint_sd", "serl": "serl", "rlsd": "serl",
 class DemoConfig:
     run_dir: Path
     seeds: int = 1
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: more seeds of runs made earlier
     steps: int = 200  # the budget: a run that has not reached stop_at counts at it in the summary
     test_freq: int = 10
     warm_steps: int = 400
@@ -98,6 +100,12 @@ class DemoConfig:
                              "the other)")
         if self.batch_tasks < 1:
             raise ValueError(f"--batch-tasks {self.batch_tasks}: a step needs at least one task")
+        if self.first_seed < 0:
+            raise ValueError(f"--first-seed {self.first_seed}: seeds start at 0")
+
+    @property
+    def seed_range(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
 
 
 def run_overrides(cfg: DemoConfig, model: Path, train: Path, val: Path, seed: int, out: Path) -> list[str]:
@@ -127,7 +135,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from verl_hindsight.environment.data import write_env_dataset
     from verl_hindsight.tiny_model import make_tiny_model
 
-    runs = planned_runs(cfg)  # an unknown run name fails here, before the warm start
+    runs = planned_runs(cfg)  # an unknown run name or a finished run fails here, before the warm start
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {run_dir}")
@@ -187,7 +195,7 @@ def run_all(cfg: DemoConfig, runs: list[tuple[str, list[str]]], model: Path, tra
         return None if rc == 0 else f"{name}-s{seed}"
 
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
-        futures = [pool.submit(one, seed, name, extra) for seed in range(cfg.seeds) for name, extra in runs]
+        futures = [pool.submit(one, seed, name, extra) for seed in cfg.seed_range for name, extra in runs]
         return [f for f in (future.result() for future in futures) if f]
 
 
@@ -206,6 +214,12 @@ def planned_runs(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
     if unknown:
         raise ValueError(f"unknown demo runs {unknown}; choose from {', '.join(METHODS + tuple(extra))}")
     names = list(cfg.methods) + ([a for a in ABLATIONS if a not in cfg.methods] if cfg.ablations else [])
+    # a second invocation into the same folder must not mix two runs' metrics in one file
+    made = [f"{n}-s{s}" for s in cfg.seed_range for n in names
+            if (cfg.run_dir / f"{n}-s{s}" / "metrics.jsonl").exists()]
+    if made:
+        raise ValueError(f"{cfg.run_dir} already holds runs {made}; remove those folders, or pick other --methods, "
+                         "--first-seed or --run-dir")
     if cfg.lora:
         from verl_hindsight.launch import recipes_dir
 

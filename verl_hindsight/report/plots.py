@@ -35,7 +35,8 @@ PLACEMENT_ABLATION = {"at the failing turn": "hint_sd", "at the episode start": 
 # Issue 23's comparison (``verl_hindsight.demo.run.COMPARISON``), with the main methods as references
 CREDIT_RULES = {"GRPO": "grpo", "SERL (released)": "serl", "RLSD clipped, lambda 1": "rlsd_clipped",
                 "RLSD unclipped": "rlsd", "additive": "additive", "HINT-SD": "hint_sd", "HERO (env diagnosis)": "hero"}
-NO_FEEDBACK = {"HINT-SD": "hint_sd", "HINT-SD, no feedback": "hint_sd_nofb", "RLSD": "rlsd",
+NO_FEEDBACK = {"HINT-SD": "hint_sd", "HINT-SD, no feedback": "hint_sd_nofb", "RLSD clipped": "rlsd_clipped",
+               "RLSD clipped, no feedback": "rlsd_clipped_nofb", "RLSD": "rlsd",
                "RLSD, no feedback": "rlsd_nofb", "additive": "additive", "additive, no feedback": "additive_nofb"}
 SERL_ABLATION = {"SERL (clip 0.2, lambda decays)": "serl", "weight clip 1.0": "serl_clip1",
                  "constant lambda": "serl_nodecay"}
