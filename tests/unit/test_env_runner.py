@@ -190,3 +190,4 @@ def test_prepare_data_rows(tmp_path):
     assert info["env"] == "toy" and json.loads(info["env_kwargs"]) == {"n_doors": 3}
     assert list(tr["extra_info"].map(lambda e: e["task_id"])) == make_env("toy", n_doors=3).task_ids("train")[:10]
     assert not set(tr["extra_info"].map(lambda e: e["task_id"])) & set(va["extra_info"].map(lambda e: e["task_id"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.parquet", "val.parquet"]  # no temporary left

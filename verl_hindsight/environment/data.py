@@ -11,6 +11,7 @@ verl's dataset requires: the agent loop renders the real prompt from the environ
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +61,10 @@ def write_env_dataset(env_name: str, out_dir: str | Path, env_kwargs: Optional[d
     paths = []
     for split, split_rows in rows.items():
         path = out / f"{split}.parquet"
-        pd.DataFrame(split_rows).to_parquet(path)
+        # written aside and renamed: a run already training from this folder (a second demo invocation into the
+        # same --run-dir) may be opening the file right now
+        tmp = out / f".{split}.{os.getpid()}.parquet"
+        pd.DataFrame(split_rows).to_parquet(tmp)
+        os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
