@@ -98,7 +98,11 @@ def test_summary_steps_medians_and_ratio(run_dir):
     text, data = summarize(run_dir, threshold=0.8, budget=40)
     assert data["methods"]["grpo"]["median_steps"] == 30.0  # median(20, 40)
     assert data["hint_sd_over_grpo"] == pytest.approx(0.5)
-    assert ">40" in text
+    # grpo-s1 logged 30 steps of a 40-step budget without reaching 80%: cut short, named as such
+    assert "cut@30" in text and ">40" not in text and "before the budget of 40" in text
+    assert [r["cut"] for r in data["methods"]["grpo"]["runs"]] == [False, True]
+    text, _ = summarize(run_dir, threshold=0.8, budget=30)
+    assert ">30" in text and "cut@" not in text  # the whole budget ran
 
     _, data = summarize(run_dir, threshold=0.95, budget=40)
     assert data["methods"]["grpo"]["median_steps"] == 40  # nobody reaches 95%
@@ -313,8 +317,8 @@ def test_summary_shows_invalid_actions_and_sign_flips_per_run(tmp_path):
     assert grpo["invalid_action_rate"] is None and grpo["invalid_steps"] is None
     lines = text.splitlines()
     assert lines[2].split() == ["method", "seed", "final", "best", "steps", "to", "80%", "invalid", ">0.25", "flipped"]
-    assert next(line for line in lines if line.startswith("additive")).split() == [
-        "additive", "0", "0.40", "0.40", ">200", "0.30", "2", "0.125"]
+    assert next(line for line in lines if line.startswith("additive")).split() == [  # ended at step 2 of 200
+        "additive", "0", "0.40", "0.40", "cut@2", "0.30", "2", "0.125"]
     assert next(line for line in lines if line.startswith("hint_sd")).split() == [
         "hint_sd", "0", "0.90", "0.90", "1", "0.13", "1", "-"]
     assert next(line for line in lines if line.startswith("grpo")).split()[-3:] == ["-", "-", "-"]

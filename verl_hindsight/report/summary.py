@@ -52,7 +52,8 @@ def sign_flipped(run: Run) -> Optional[float]:
 def summarize(run_dir: Union[str, Path], threshold: float = 0.8,
               budget: Optional[int] = None) -> tuple[str, dict]:
     """Text table and data. ``data["methods"][m]`` has ``runs`` (per seed: final, best, steps_to_threshold,
-    last_step, val_key, invalid_action_rate, invalid_steps, sign_flipped_frac), ``median_steps`` (stalled seeds at
+    last_step, val_key, invalid_action_rate, invalid_steps, sign_flipped_frac, cut: ended before ``budget``
+    without reaching the threshold), ``median_steps`` (stalled seeds at
     the budget), ``reached`` and ``seeds``;
     ``data["hint_sd_over_grpo"]`` is HINT-SD's median over GRPO's, and ``data["ratios_to_grpo"]`` the same for
     every method."""
@@ -80,7 +81,11 @@ def summarize(run_dir: Union[str, Path], threshold: float = 0.8,
         for r in seeds:
             limit = budget if budget is not None else r["last_step"]
             counted.append(r["steps_to_threshold"] if r["steps_to_threshold"] is not None else limit)
-            reached = str(r["steps_to_threshold"]) if r["steps_to_threshold"] is not None else f">{limit}"
+            r["cut"] = r["steps_to_threshold"] is None and budget is not None and r["last_step"] < budget
+            if r["steps_to_threshold"] is not None:
+                reached = str(r["steps_to_threshold"])
+            else:
+                reached = f"cut@{r['last_step']}" if r["cut"] else f">{limit}"
             drifting = "-" if r["invalid_steps"] is None else str(r["invalid_steps"])
             flipped = "-" if r["sign_flipped_frac"] is None else f"{r['sign_flipped_frac']:.3f}"
             lines.append(f"{method:<24}{r['seed']:>5}{_fmt(r['final']):>8}{_fmt(r['best']):>8}{reached:>14}"
@@ -90,6 +95,9 @@ def summarize(run_dir: Union[str, Path], threshold: float = 0.8,
         data["methods"][method] = {"runs": seeds, "median_steps": median, "reached": n_reached, "seeds": len(seeds)}
         note = " (runs that did not reach it count at the budget)" if n_reached < len(seeds) else ""
         lines.append(f"{'':<24}median steps {median}{note}; reached {n_reached}/{len(seeds)}")
+    if any(r.get("cut") for seeds in per_method.values() for r in seeds):
+        lines.append(f"cut@N: the run ended at step N, before the budget of {budget}, without reaching the threshold "
+                     "(stopped, failed or still running); the median counts it at the budget")
     grpo = data["methods"].get("grpo")
     if grpo and grpo["median_steps"]:
         data["ratios_to_grpo"] = {m: v["median_steps"] / grpo["median_steps"] for m, v in data["methods"].items()
