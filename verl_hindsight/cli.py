@@ -29,8 +29,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = DemoConfig.quick(run_dir)
     else:
-        cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps,
-                         test_freq=args.test_freq, warm_steps=args.warm_steps, ablations=args.ablations,
+        cfg = DemoConfig(run_dir=run_dir, seeds=args.seeds, steps=args.steps, test_freq=args.test_freq,
+                         warm_steps=args.warm_steps, ablations=args.ablations,
                          stop_at=args.stop_at if args.stop_at > 0 else None, overrides=tuple(args.override or ()),
                          warm_model=Path(args.warm_model) if args.warm_model else None)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS

@@ -53,8 +53,7 @@ def summarize(run_dir: Union[str, Path], threshold: float = 0.8,
               budget: Optional[int] = None) -> tuple[str, dict]:
     """Text table and data. ``data["methods"][m]`` has ``runs`` (per seed: final, best, steps_to_threshold,
     last_step, val_key, invalid_action_rate, invalid_steps, sign_flipped_frac, cut: ended before ``budget``
-    without reaching the threshold), ``median_steps`` (stalled seeds at
-    the budget), ``reached`` and ``seeds``;
+    without reaching the threshold), ``median_steps`` (stalled seeds at the budget), ``reached`` and ``seeds``;
     ``data["hint_sd_over_grpo"]`` is HINT-SD's median over GRPO's, and ``data["ratios_to_grpo"]`` the same for
     every method."""
     per_method: dict[str, list[dict]] = {}
